@@ -1,0 +1,557 @@
+"""The pair store: sharded JSON Lines plus manifest.json, resumable after a kill, mergeable.
+
+Layout of a store directory:
+    pairs-00000.jsonl, pairs-00001.jsonl, ...   one PreferencePair per line, `shard_size` a file
+    bad_records.jsonl                           one BadRecord per line
+    manifest.json                               config, counts, shards, versions (rewritten atomically)
+
+The shards and bad_records.jsonl are the truth; the manifest is a summary rebuilt from them when a
+writer opens, so a kill between manifest writes loses nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import bpo
+from bpo.data.records import SCHEMA_VERSION, BadRecord, PreferencePair
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one writer per directory is then on the user.
+    fcntl = None
+
+MANIFEST = "manifest.json"
+BAD_RECORDS = "bad_records.jsonl"
+LOCK = ".lock"
+SHARD_RE = re.compile(r"^pairs-(\d{5,})\.jsonl$")
+# Config keys that may differ between the stores `merge_stores` combines.
+SHARD_KEYS = ("shard_index", "num_shards")
+
+
+class ConfigMismatchError(ValueError):
+    """A store was written with a different config than the one given now."""
+
+
+class StoreError(ValueError):
+    """A store directory is damaged or is not a pair store."""
+
+
+class DuplicateKeyError(ValueError):
+    """The same pair key would be written twice."""
+
+
+def shard_name(index: int) -> str:
+    return f"pairs-{index:05d}.jsonl"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str | None]:
+    # Package metadata rather than imports: importing torch just to read its version is slow.
+    versions: dict[str, str | None] = {
+        "python": platform.python_version(),
+        "bpo": bpo.__version__,
+    }
+    for package in ("torch", "transformers", "datasets"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _normalize_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as it reads back from JSON (tuples become lists), so comparisons are fair."""
+    try:
+        return json.loads(json.dumps(config, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"store config must be JSON-serializable: {exc}") from exc
+
+
+def config_differences(stored: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs, with both values, sorted."""
+    if isinstance(stored, dict) and isinstance(now, dict):
+        diffs = []
+        for key in sorted(set(stored) | set(now)):
+            name = f"{prefix}{key}"
+            if key not in stored:
+                diffs.append(f"{name}: absent (stored) vs {now[key]!r} (now)")
+            elif key not in now:
+                diffs.append(f"{name}: {stored[key]!r} (stored) vs absent (now)")
+            else:
+                diffs.extend(config_differences(stored[key], now[key], f"{name}."))
+        return diffs
+    if stored != now:
+        return [f"{prefix.rstrip('.')}: {stored!r} (stored) vs {now!r} (now)"]
+    return []
+
+
+def truncate_partial_line(path: Path) -> int:
+    """Cut a file back to its last newline (a line half-written when a process died); bytes cut."""
+    size = path.stat().st_size
+    with path.open("rb+") as f:
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        else:
+            keep = 0
+        if keep < size:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return size - keep
+
+
+def _shard_paths(directory: Path) -> list[Path]:
+    """The shard files in order; a gap in the numbering is damage, not something to skip."""
+    indexed = []
+    for path in directory.iterdir():
+        match = SHARD_RE.match(path.name)
+        if match:
+            indexed.append((int(match.group(1)), path))
+    indexed.sort()
+    for expected, (index, path) in enumerate(indexed):
+        if index != expected:
+            raise StoreError(
+                f"{directory}: shard {shard_name(expected)} is missing but {path.name} exists; "
+                "restore the missing shard or start over with --overwrite"
+            )
+    return [path for _, path in indexed]
+
+
+def _json_lines(path: Path, skip_partial_last: bool) -> Iterator[tuple[int, Any]]:
+    """(1-based line number, parsed JSON) for each line; a bad line raises StoreError naming it."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                if skip_partial_last:
+                    return
+                raise StoreError(
+                    f"{path} line {number}: incomplete last line in a closed shard; the store is "
+                    "damaged; delete that line or start over with --overwrite"
+                )
+            try:
+                yield number, json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise StoreError(
+                    f"{path} line {number}: not valid JSON ({exc}); delete the line and resume"
+                ) from exc
+
+
+def _pair_from_line(path: Path, number: int, data: Any) -> PreferencePair:
+    try:
+        return PreferencePair.from_json(data)
+    except (ValueError, TypeError) as exc:
+        pair_id = data.get("id") if isinstance(data, dict) else None
+        raise StoreError(f"{path} line {number} (id={pair_id}): {exc}") from exc
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a pair store; FileNotFoundError if the directory holds none."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; is {directory} a pair store written by bpo?")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{path} is not valid JSON ({exc}); start over with --overwrite") from exc
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has schema_version {version!r}; this bpo reads version {SCHEMA_VERSION}"
+        )
+    return manifest
+
+
+def read_pairs(directory: str | Path) -> Iterator[PreferencePair]:
+    """Stream every pair of a store, shard by shard, in write order.
+
+    A half-written last line (a writer running now, or killed) is skipped; damage anywhere else
+    raises StoreError naming the file and line.
+    """
+    shards = _shard_paths(Path(directory))
+    for position, path in enumerate(shards):
+        is_last = position == len(shards) - 1
+        for number, data in _json_lines(path, skip_partial_last=is_last):
+            yield _pair_from_line(path, number, data)
+
+
+def read_bad_records(directory: str | Path) -> Iterator[BadRecord]:
+    """Stream the bad records a store holds (a half-written last line is skipped)."""
+    path = Path(directory) / BAD_RECORDS
+    if not path.is_file():
+        return
+    for _, data in _json_lines(path, skip_partial_last=True):
+        yield BadRecord.from_json(data)
+
+
+def _remove_store_files(directory: Path) -> None:
+    # Only files a store consists of: --overwrite must not delete anything else in the folder.
+    for path in directory.iterdir():
+        if SHARD_RE.match(path.name) or path.name in (MANIFEST, MANIFEST + ".tmp", BAD_RECORDS):
+            path.unlink()
+
+
+def _lock(directory: Path) -> BinaryIO:
+    """Hold an exclusive lock so two writers never interleave lines in one store."""
+    handle = (directory / LOCK).open("ab")
+    if fcntl is None:
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        handle.close()
+        raise StoreError(
+            f"{directory} is being written by another process; wait for it or choose another --out"
+        ) from exc
+    return handle
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Readers (and a resume after a kill) see the old manifest or the new one, never half of one.
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _encode(record: dict[str, Any], what: str) -> bytes:
+    try:
+        text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is not JSON-serializable: {exc}") from exc
+    return (text + "\n").encode("utf-8")
+
+
+class PairWriter:
+    """Write PreferencePairs to a sharded, resumable store; use as a context manager.
+
+    Opening an existing store with the same config resumes it: a half-written last line is cut
+    off, and `done_keys` holds the key (`PreferencePair.key`, i.e. `pair_key(id, source,
+    sample_index)`) of every pair already written, so the caller skips that work. Writing the rest
+    then gives the same shard files an uninterrupted run would. A clean exit from the `with`
+    block marks the store `complete`; an exception leaves it incomplete (and resumable).
+
+    Args:
+        config: what produced the pairs (model, seeds, noise step...); JSON-serializable. A store
+            with a different config raises ConfigMismatchError instead of mixing runs.
+        shard_size: pairs per shard file.
+        overwrite: delete an existing store's files in `out_dir` first, instead of resuming.
+        max_bad_messages: how many bad-record messages the manifest quotes (all are counted).
+        fsync_interval_s: at most this long between fsyncs, bounding what a power cut loses
+            (a killed process loses at most the line being written: every line is flushed).
+        manifest_interval_s: at most this long between manifest rewrites while writing.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        config: dict[str, Any],
+        shard_size: int = 1000,
+        overwrite: bool = False,
+        max_bad_messages: int = 20,
+        fsync_interval_s: float = 10.0,
+        manifest_interval_s: float = 30.0,
+    ) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+        self.out_dir = Path(out_dir)
+        self.config = _normalize_config(config)
+        self.shard_size = shard_size
+        self.max_bad_messages = max_bad_messages
+        self.fsync_interval_s = fsync_interval_s
+        self.manifest_interval_s = manifest_interval_s
+        self.complete = False
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_handle = _lock(self.out_dir)
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self._lock_handle.close()
+            raise
+
+    def _open(self, overwrite: bool) -> None:
+        if overwrite:
+            _remove_store_files(self.out_dir)
+        manifest = self._existing_manifest()
+        self.created = manifest["created"] if manifest else _now()
+        self.other_counts: Counter[str] = Counter(manifest["counts"]["other"] if manifest else {})
+        self.done_keys: set[str] = set()
+        self.source_counts: Counter[str] = Counter()
+        self.shard_lines: list[int] = []
+        self._scan_shards()
+        self.bad_keys: set[str] = set()
+        self.bad_reasons: Counter[str] = Counter()
+        self.bad_messages: list[str] = []
+        self._scan_bad_records()
+        self._shard: BinaryIO | None = None
+        self._bad_file = (self.out_dir / BAD_RECORDS).open("ab")
+        self._last_fsync = self._last_manifest = time.monotonic()
+        self.write_manifest()
+
+    def _existing_manifest(self) -> dict[str, Any] | None:
+        if not (self.out_dir / MANIFEST).is_file():
+            if _shard_paths(self.out_dir) or (self.out_dir / BAD_RECORDS).exists():
+                raise StoreError(
+                    f"{self.out_dir} has pair files but no {MANIFEST}, so it was not written by "
+                    "PairWriter; choose a new --out or pass --overwrite"
+                )
+            return None
+        manifest = read_manifest(self.out_dir)
+        diffs = config_differences(manifest["config"], self.config)
+        if diffs:
+            raise ConfigMismatchError(
+                f"{self.out_dir} holds pairs made with a different config ({'; '.join(diffs)}); "
+                "choose a new --out to keep both, or pass --overwrite to replace it"
+            )
+        return manifest
+
+    def _scan_shards(self) -> None:
+        shards = _shard_paths(self.out_dir)
+        if shards:
+            truncate_partial_line(shards[-1])
+        for path in shards:
+            lines = 0
+            for number, data in _json_lines(path, skip_partial_last=False):
+                pair = _pair_from_line(path, number, data)
+                if pair.key in self.done_keys:
+                    raise StoreError(
+                        f"{path} line {number} (id={pair.id}): key {pair.key} appears twice; "
+                        "delete one of the lines"
+                    )
+                self.done_keys.add(pair.key)
+                self.source_counts[pair.source] += 1
+                lines += 1
+            self.shard_lines.append(lines)
+
+    def _scan_bad_records(self) -> None:
+        path = self.out_dir / BAD_RECORDS
+        if path.is_file():
+            truncate_partial_line(path)
+        for bad in read_bad_records(self.out_dir):
+            self._count_bad(bad)
+
+    def _count_bad(self, bad: BadRecord) -> bool:
+        if bad.key in self.bad_keys:
+            return False
+        self.bad_keys.add(bad.key)
+        self.bad_reasons[bad.reason] += 1
+        if len(self.bad_messages) < self.max_bad_messages:
+            self.bad_messages.append(bad.message)
+        return True
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(self.shard_lines)
+
+    def _shard_for_next_line(self) -> BinaryIO:
+        if self.shard_lines and self.shard_lines[-1] >= self.shard_size:
+            self._close_shard()
+            self.shard_lines.append(0)
+        if not self.shard_lines:
+            self.shard_lines.append(0)
+        if self._shard is None:
+            self._shard = (self.out_dir / shard_name(len(self.shard_lines) - 1)).open("ab")
+        return self._shard
+
+    def _close_shard(self) -> None:
+        if self._shard is not None:
+            self._shard.flush()
+            os.fsync(self._shard.fileno())
+            self._shard.close()
+            self._shard = None
+            self.write_manifest()
+
+    def write(self, pair: PreferencePair) -> None:
+        """Append a pair; DuplicateKeyError if its key is already in the store."""
+        if pair.key in self.done_keys:
+            raise DuplicateKeyError(
+                f"pair {pair.key} is already in {self.out_dir}; skip keys in writer.done_keys"
+            )
+        line = _encode(pair.to_json(), f"pair {pair.key}")
+        shard = self._shard_for_next_line()
+        # One write of a whole line, flushed now: a kill can only cut the line being written.
+        shard.write(line)
+        shard.flush()
+        self.done_keys.add(pair.key)
+        self.source_counts[pair.source] += 1
+        self.shard_lines[-1] += 1
+        self._maybe_sync()
+
+    def report_bad(self, bad: BadRecord) -> bool:
+        """Record a bad record once; False if it was already reported (e.g. before a resume)."""
+        if not self._count_bad(bad):
+            return False
+        self._bad_file.write(_encode(bad.to_json(), f"bad record {bad.key}"))
+        self._bad_file.flush()
+        self._maybe_sync()
+        return True
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Add to a named counter shown in the manifest under counts.other.
+
+        These live only in the manifest, so after a kill they can lag behind the pairs by up to
+        `manifest_interval_s` of work; pair and bad-record counts are always exact.
+        """
+        self.other_counts[key] += n
+
+    def _maybe_sync(self) -> None:
+        now = time.monotonic()
+        if now - self._last_fsync >= self.fsync_interval_s:
+            self._fsync()
+        if now - self._last_manifest >= self.manifest_interval_s:
+            self.write_manifest()
+
+    def _fsync(self) -> None:
+        for handle in (self._shard, self._bad_file):
+            if handle is not None and not handle.closed:
+                handle.flush()
+                os.fsync(handle.fileno())
+        self._last_fsync = time.monotonic()
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as it would be written now."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "complete": self.complete,
+            "created": self.created,
+            "updated": _now(),
+            "config": self.config,
+            "shard_size": self.shard_size,
+            "counts": {
+                "pairs": self.num_pairs,
+                "by_source": dict(sorted(self.source_counts.items())),
+                "other": dict(sorted(self.other_counts.items())),
+            },
+            "bad_records": {
+                "total": sum(self.bad_reasons.values()),
+                "by_reason": dict(sorted(self.bad_reasons.items())),
+                "first": list(self.bad_messages),
+            },
+            "shards": [{"file": shard_name(i), "pairs": n} for i, n in enumerate(self.shard_lines)],
+            "versions": _versions(),
+        }
+
+    def write_manifest(self) -> None:
+        _write_atomic(self.out_dir / MANIFEST, json.dumps(self.manifest(), indent=2) + "\n")
+        self._last_manifest = time.monotonic()
+
+    def close(self, complete: bool = False) -> None:
+        """Flush, fsync, write the final manifest and release the directory."""
+        if self._lock_handle.closed:
+            return
+        self._fsync()
+        self._close_shard()
+        self._bad_file.close()
+        self.complete = complete
+        self.write_manifest()
+        self._lock_handle.close()
+
+    def __enter__(self) -> PairWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(complete=exc_type is None)
+
+
+def _check_mergeable(
+    directories: list[Path], manifests: list[dict[str, Any]], allow_incomplete: bool
+) -> dict[str, Any]:
+    """The shared config of the stores, less SHARD_KEYS; errors name the store and the key."""
+    bases = [{k: v for k, v in m["config"].items() if k not in SHARD_KEYS} for m in manifests]
+    for directory, manifest, base in zip(directories, manifests, bases, strict=True):
+        if not manifest["complete"] and not allow_incomplete:
+            raise StoreError(
+                f"{directory} is not complete (its run stopped early); finish it by re-running "
+                "that shard, or pass allow_incomplete=True"
+            )
+        diffs = config_differences(bases[0], base)
+        if diffs:
+            raise ConfigMismatchError(
+                f"{directory} was made with a different config than {directories[0]} "
+                f"({'; '.join(d.replace('(stored)', '(first)') for d in diffs)}); only "
+                f"{', '.join(SHARD_KEYS)} may differ between merged stores"
+            )
+    _check_shard_coverage(manifests, allow_incomplete)
+    return bases[0]
+
+
+def _check_shard_coverage(manifests: list[dict[str, Any]], allow_incomplete: bool) -> None:
+    indexes = [m["config"].get("shard_index") for m in manifests]
+    totals = {m["config"].get("num_shards") for m in manifests}
+    if None in indexes or len(totals) != 1:
+        return
+    repeated = sorted(i for i, n in Counter(indexes).items() if n > 1)
+    if repeated:
+        raise ConfigMismatchError(
+            f"shard_index {repeated} given more than once; merge each shard once"
+        )
+    missing = sorted(set(range(totals.pop())) - set(indexes))
+    if missing and not allow_incomplete:
+        raise StoreError(
+            f"shards {missing} are missing from the merge; add them, or pass allow_incomplete=True"
+        )
+
+
+def merge_stores(
+    store_dirs: list[str | Path],
+    out_dir: str | Path,
+    shard_size: int = 1000,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+) -> dict[str, Any]:
+    """Combine the stores of a sharded run (shard i of N each) into one; returns its manifest.
+
+    Configs must match except for `shard_index`/`num_shards`; a pair key found in two stores
+    raises DuplicateKeyError. Pairs keep the order of `store_dirs`; bad records and counters
+    are summed.
+
+    Args:
+        allow_incomplete: merge stores whose run did not finish, or an incomplete set of shards.
+    """
+    directories = [Path(d) for d in store_dirs]
+    if not directories:
+        raise ValueError("merge_stores needs at least one store directory")
+    out = Path(out_dir)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise StoreError(f"{out} already holds a store; choose a new --out or pass --overwrite")
+    manifests = [read_manifest(d) for d in directories]
+    config = _check_mergeable(directories, manifests, allow_incomplete)
+    config["merged_from"] = [str(d) for d in directories]
+    origin: dict[str, Path] = {}
+    with PairWriter(out, config, shard_size=shard_size, overwrite=overwrite) as writer:
+        for directory, manifest in zip(directories, manifests, strict=True):
+            for pair in read_pairs(directory):
+                if pair.key in origin:
+                    raise DuplicateKeyError(
+                        f"pair {pair.key} is in both {origin[pair.key]} and {directory}; the "
+                        "shards overlap: re-run them with distinct shard_index values"
+                    )
+                origin[pair.key] = directory
+                writer.write(pair)
+            for bad in read_bad_records(directory):
+                writer.report_bad(bad)
+            for key, n in manifest["counts"]["other"].items():
+                writer.count(key, n)
+    return read_manifest(out)

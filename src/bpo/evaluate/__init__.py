@@ -1,0 +1,1 @@
+"""Hallucination metrics and benchmark runners."""

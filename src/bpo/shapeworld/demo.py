@@ -1,0 +1,270 @@
+"""`bpo demo`: build ShapeWorld and its base model, then measure the base model's hallucination.
+
+The run, each step seeded:
+1. the world: an unbiased alignment set, held-out evaluation scenes, and a biased text corpus;
+2. a tiny LLaVA (tokenizer trained on the world's text), its LM pretrained on the corpus and its
+   vision tower on the world's images (cached under OUT/cache, so reruns skip both);
+3. LLaVA's two alignment stages on the unbiased set;
+4. greedy captions of the held-out scenes, scored with CHAIR, recall and the partner share.
+Writes OUT/base (HF format), OUT/results.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import bpo
+from bpo.models.tiny import TinyLlavaConfig, build_tiny_llava, save_tiny_llava
+from bpo.shapeworld import train
+from bpo.shapeworld.metrics import hallucination_metrics
+from bpo.shapeworld.world import (
+    CAPTION_PROMPTS,
+    WorldConfig,
+    caption,
+    questions,
+    render,
+    sample_scene,
+    sample_text_scene,
+)
+
+
+@dataclass
+class StageConfig:
+    """One training stage: optimizer steps, batch size and peak learning rate."""
+
+    steps: int
+    batch_size: int
+    lr: float
+
+
+@dataclass
+class DemoConfig:
+    """Everything `bpo demo` does, fixed before the run (seeds included)."""
+
+    seed: int = 0
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: TinyLlavaConfig = field(default_factory=TinyLlavaConfig)
+    corpus_size: int = 20000  # text-only captions carrying the co-occurrence prior
+    tower_scenes: int = 4000  # images for the vision tower's pretraining
+    align_scenes: int = 3000  # the unbiased image-text alignment set
+    eval_scenes: int = 1000  # held-out scenes for the hallucination metrics
+    qa_fraction: float = 0.3  # share of alignment examples that are questions, not captions
+    lm: StageConfig = field(default_factory=lambda: StageConfig(800, 64, 3e-3))
+    tower: StageConfig = field(default_factory=lambda: StageConfig(400, 64, 2e-3))
+    projector: StageConfig = field(default_factory=lambda: StageConfig(300, 32, 3e-3))
+    full: StageConfig = field(default_factory=lambda: StageConfig(120, 32, 5e-4))
+    replay_weight: float = 1.0  # text-corpus replay during the full stage
+    max_new_tokens: int = 40
+    eval_batch_size: int = 100
+    threads: int = 1  # torch threads; see `choose_threads`
+
+
+def choose_threads(requested: int) -> int:
+    """Torch threads for tiny models: 1 unless asked.
+
+    Measured here: on 2 shared cores, tiny-model steps with 2 OpenMP threads ran many times slower
+    than with 1 (the threads spin waiting for each other on ops too small to split).
+    """
+    return max(1, requested)
+
+
+def _digest(*parts) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class World:
+    """The sampled world: scenes, their rendered pixels, and the text corpus."""
+
+    tower_scenes: list
+    align_scenes: list
+    eval_scenes: list
+    corpus: list[str]
+
+
+def build_world(cfg: DemoConfig) -> World:
+    """Sample every scene and the corpus from one seeded generator per purpose."""
+    wcfg = cfg.world
+    streams = np.random.SeedSequence(cfg.seed).spawn(4)
+    rngs = [np.random.default_rng(s) for s in streams]
+    tower = [sample_scene(rngs[0], wcfg) for _ in range(cfg.tower_scenes)]
+    align = [sample_scene(rngs[1], wcfg) for _ in range(cfg.align_scenes)]
+    held_out = [sample_scene(rngs[2], wcfg) for _ in range(cfg.eval_scenes)]
+    corpus = [caption(sample_text_scene(rngs[3], wcfg)) for _ in range(cfg.corpus_size)]
+    return World(tower, align, held_out, corpus)
+
+
+def pixel_tensor(processor, scenes, wcfg: WorldConfig) -> torch.Tensor:
+    """Render scenes and run them through the model's own image processor: (N, 3, H, W)."""
+    images = [render(scene, wcfg) for scene in scenes]
+    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def tokenizer_texts(world: World) -> list[str]:
+    """Everything the tokenizer should cover: captions, questions, answers, prompt words."""
+    rng = np.random.default_rng(0)
+    texts = list(world.corpus[:5000])
+    for scene in world.align_scenes[:2000]:
+        texts.append(caption(scene))
+        texts.extend(q + " " + a for q, a in questions(scene, rng, WorldConfig()))
+    texts.extend(f"USER: {p} ASSISTANT:" for p in CAPTION_PROMPTS)
+    return texts
+
+
+def text_examples(processor, corpus: list[str], seed: int) -> list[train.Example]:
+    """The corpus as text-only chat turns ("USER: Describe the image. ASSISTANT: ...")."""
+    prompts = train.PromptCache(processor)
+    rng = np.random.default_rng(seed)
+    examples = []
+    for text in corpus:
+        question = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
+        examples.append(
+            train.Example(prompts(question, False), train.encode_answer(processor, text))
+        )
+    return examples
+
+
+def image_examples(processor, scenes, cfg: DemoConfig, seed: int) -> list[train.Example]:
+    """Alignment examples: a caption request, or (qa_fraction of them) a question, per scene."""
+    prompts = train.PromptCache(processor)
+    rng = np.random.default_rng(seed)
+    examples = []
+    for index, scene in enumerate(scenes):
+        if rng.random() < cfg.qa_fraction:
+            qa = questions(scene, rng, cfg.world)
+            question, answer = qa[int(rng.integers(len(qa)))]
+        else:
+            question = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
+            answer = caption(scene)
+        examples.append(
+            train.Example(prompts(question, True), train.encode_answer(processor, answer), index)
+        )
+    return examples
+
+
+def pretrained_model(cfg: DemoConfig, world: World, cache_dir: Path, log):
+    """The tiny LLaVA with its LM and tower pretrained, loaded from the cache when possible."""
+    from bpo.models.load import load_model_and_processor
+
+    key = _digest(
+        "pretrained", bpo.__version__, cfg.seed, asdict(cfg.world), asdict(cfg.model),
+        cfg.corpus_size, cfg.tower_scenes, asdict(cfg.lm), asdict(cfg.tower),
+    )  # fmt: skip
+    folder = cache_dir / f"pretrained-{key}"
+    if (folder / "config.json").exists():
+        log(f"pretrained LM and tower: cached in {folder}")
+        return load_model_and_processor(str(folder), dtype="float32", device="cpu")
+    model, processor = build_tiny_llava(tokenizer_texts(world), cfg.model, seed=cfg.seed)
+    texts = text_examples(processor, world.corpus, cfg.seed)
+    t0 = time.time()
+    losses = train.pretrain_language_model(
+        model, texts, cfg.lm.steps, cfg.lm.batch_size, cfg.lm.lr, cfg.seed
+    )
+    log(f"LM pretraining: {cfg.lm.steps} steps, loss {losses[-1]:.3f} ({time.time() - t0:.0f}s)")
+    t0 = time.time()
+    from bpo.shapeworld.world import cell_labels
+
+    pixels = pixel_tensor(processor, world.tower_scenes, cfg.world)
+    labels = [cell_labels(s, cfg.world) for s in world.tower_scenes]
+    shape_labels = torch.tensor(np.stack([lab[0] for lab in labels]))
+    colour_labels = torch.tensor(np.stack([lab[1] for lab in labels]))
+    accuracy = train.pretrain_vision_tower(
+        model, pixels, shape_labels, colour_labels,
+        cfg.tower.steps, cfg.tower.batch_size, cfg.tower.lr, cfg.seed,
+    )  # fmt: skip
+    log(f"tower pretraining: {cfg.tower.steps} steps, cell accuracy {accuracy:.3f} "
+        f"({time.time() - t0:.0f}s)")  # fmt: skip
+    save_tiny_llava(model, processor, folder, cfg.model)
+    return model, processor
+
+
+def align_model(model, processor, cfg: DemoConfig, world: World, log):
+    """LLaVA's stage 1 (projector) then a short stage 2 (projector + LM, with text replay)."""
+    pixels = pixel_tensor(processor, world.align_scenes, cfg.world)
+    examples = image_examples(processor, world.align_scenes, cfg, cfg.seed + 1)
+    replay = text_examples(processor, world.corpus, cfg.seed + 2)
+    for stage, sc in (("projector", cfg.projector), ("full", cfg.full)):
+        t0 = time.time()
+        losses = train.align(
+            model, examples, pixels, stage, sc.steps, sc.batch_size, sc.lr, cfg.seed,
+            replay=replay if stage == "full" else (), replay_weight=cfg.replay_weight,
+        )  # fmt: skip
+        log(f"alignment ({stage}): {sc.steps} steps, loss {np.mean(losses[-10:]):.3f} "
+            f"({time.time() - t0:.0f}s)")  # fmt: skip
+    return model
+
+
+@torch.no_grad()
+def describe(model, processor, pixels: torch.Tensor, cfg: DemoConfig, prompt: str) -> list[str]:
+    """Greedy answers to one prompt for every image (batched; same prompt, so no padding)."""
+    ids = train.PromptCache(processor)(prompt, True)
+    answers = []
+    for start in range(0, len(pixels), cfg.eval_batch_size):
+        batch = pixels[start : start + cfg.eval_batch_size]
+        input_ids = torch.tensor([ids] * len(batch))
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            pixel_values=batch,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=False,
+        )
+        answers.extend(
+            processor.tokenizer.batch_decode(out[:, len(ids) :], skip_special_tokens=True)
+        )
+    return [a.strip() for a in answers]
+
+
+def evaluate_base(model, processor, cfg: DemoConfig, world: World) -> tuple[dict, list[str]]:
+    """Captions of the held-out scenes and their hallucination metrics."""
+    pixels = pixel_tensor(processor, world.eval_scenes, cfg.world)
+    answers = describe(model, processor, pixels, cfg, CAPTION_PROMPTS[0])
+    return hallucination_metrics(answers, world.eval_scenes), answers
+
+
+def versions() -> dict:
+    import transformers
+
+    return {
+        "bpo": bpo.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def run_demo(cfg: DemoConfig, out: Path, log=print) -> dict:
+    """Run the demo end to end and write OUT/results.json; returns the results."""
+    started = time.time()
+    torch.set_num_threads(choose_threads(cfg.threads))
+    out.mkdir(parents=True, exist_ok=True)
+    world = build_world(cfg)
+    log(f"world: {len(world.corpus)} corpus captions, {len(world.align_scenes)} alignment scenes, "
+        f"{len(world.eval_scenes)} held-out scenes")  # fmt: skip
+    model, processor = pretrained_model(cfg, world, out / "cache", log)
+    model = align_model(model, processor, cfg, world, log)
+    save_tiny_llava(model, processor, out / "base", cfg.model)
+    metrics, answers = evaluate_base(model, processor, cfg, world)
+    (out / "answers-base.jsonl").write_text(
+        "".join(
+            json.dumps({"id": i, "answer": a, "truth": caption(s)}) + "\n"
+            for i, (a, s) in enumerate(zip(answers, world.eval_scenes, strict=True))
+        )
+    )
+    results = {
+        "arms": {"base": metrics},
+        "config": asdict(cfg),
+        "versions": versions(),
+        "wall_s": round(time.time() - started, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,0 +1,243 @@
+"""ShapeWorld: scenes of coloured shapes on a grid, their images, captions, questions and priors.
+
+Ground truth is exact: a scene *is* its list of objects. Two samplers share the renderer and the
+caption writer:
+
+- `sample_scene` draws shapes independently (the unbiased image data the model is aligned on and
+  evaluated on);
+- `sample_text_scene` draws shapes with a strong co-occurrence prior (a shape's partner comes along
+  with probability `prior_strength`) and a colour prior; only its caption is used, as the text-only
+  corpus the language model is pretrained on. This is the language prior BPO has to overcome.
+
+Captions list objects in a fixed shape order ("a red circle, a blue square and a green cross."),
+so the model's choice after each object is "which shape comes next, if any": exactly where a text
+prior that says "a circle comes with a square" competes with what the image shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "ring")
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "white")
+# Text-prior partners: in the text corpus each shape nearly always appears with its partner.
+PARTNERS: dict[str, str] = {
+    "circle": "square",
+    "square": "circle",
+    "triangle": "diamond",
+    "diamond": "triangle",
+    "cross": "ring",
+    "ring": "cross",
+}
+# The colour a shape usually has in text (a weaker, attribute-level prior).
+TYPICAL_COLOUR: dict[str, str] = {
+    "circle": "red",
+    "square": "blue",
+    "triangle": "green",
+    "diamond": "yellow",
+    "cross": "purple",
+    "ring": "white",
+}
+RGB: dict[str, tuple[float, float, float]] = {
+    "red": (0.92, 0.16, 0.14),
+    "green": (0.18, 0.80, 0.22),
+    "blue": (0.20, 0.36, 0.96),
+    "yellow": (0.96, 0.88, 0.16),
+    "purple": (0.68, 0.22, 0.86),
+    "white": (0.96, 0.96, 0.96),
+}
+BACKGROUND = (0.30, 0.30, 0.30)
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTION_PROMPTS = (
+    "Describe the image.",
+    "What is in the image?",
+    "List the shapes in the image.",
+)
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object: a shape of a colour in grid cell (row, col), drawn with opacity `alpha`."""
+
+    shape: str
+    colour: str
+    row: int = 0
+    col: int = 0
+    alpha: float = 1.0
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A scene: its objects in caption (shape) order, plus the grid size and a per-image seed."""
+
+    objects: tuple[ShapeObject, ...]
+    grid: int = 4
+    seed: int = 0
+
+    @property
+    def shapes(self) -> set[str]:
+        """The ground-truth object categories (what CHAIR compares mentions against)."""
+        return {o.shape for o in self.objects}
+
+
+@dataclass
+class WorldConfig:
+    """How scenes are drawn and rendered."""
+
+    grid: int = 4
+    cell_size: int = 8  # image side = grid * cell_size; the tiny tower's patch is one cell
+    min_objects: int = 1
+    max_objects: int = 4
+    # Share of objects drawn faint (low contrast): visual ambiguity where the prior can decide.
+    faint_prob: float = 0.3
+    faint_alpha: tuple[float, float] = (0.25, 0.45)
+    solid_alpha: tuple[float, float] = (0.8, 1.0)
+    # Fixed per-image pixel noise (std on the 0..1 scale), part of the image, not augmentation.
+    pixel_noise: float = 0.12
+    prior_strength: float = 0.95  # P(partner in text | shape in text)
+    colour_prior: float = 0.6  # P(typical colour in text)
+    shapes: tuple[str, ...] = SHAPES
+    colours: tuple[str, ...] = COLOURS
+    partners: dict[str, str] = field(default_factory=lambda: dict(PARTNERS))
+
+    @property
+    def image_size(self) -> int:
+        return self.grid * self.cell_size
+
+
+def _ordered(objects: list[ShapeObject], shapes: tuple[str, ...]) -> tuple[ShapeObject, ...]:
+    """Objects in the fixed caption order (by shape, then position)."""
+    return tuple(sorted(objects, key=lambda o: (shapes.index(o.shape), o.row, o.col)))
+
+
+def _place(rng: np.random.Generator, shapes: list[str], colours: list[str], cfg: WorldConfig):
+    cells = rng.choice(cfg.grid * cfg.grid, size=len(shapes), replace=False)
+    objects = []
+    for shape, colour, cell in zip(shapes, colours, cells, strict=True):
+        faint = rng.random() < cfg.faint_prob
+        low, high = cfg.faint_alpha if faint else cfg.solid_alpha
+        alpha = round(float(rng.uniform(low, high)), 3)
+        objects.append(ShapeObject(shape, colour, int(cell) // cfg.grid, int(cell) % cfg.grid, alpha))
+    return _ordered(objects, cfg.shapes)
+
+
+def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
+    """An unbiased scene: distinct shapes and colours drawn independently and uniformly."""
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    shapes = [cfg.shapes[i] for i in rng.choice(len(cfg.shapes), size=n, replace=False)]
+    colours = [cfg.colours[i] for i in rng.integers(0, len(cfg.colours), size=n)]
+    return Scene(_place(rng, shapes, colours, cfg), cfg.grid, int(rng.integers(2**31)))
+
+
+def sample_text_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
+    """A scene as the text corpus describes the world: partners together, typical colours."""
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    shapes: list[str] = []
+    while len(shapes) < n:
+        remaining = [s for s in cfg.shapes if s not in shapes]
+        shape = remaining[int(rng.integers(len(remaining)))]
+        shapes.append(shape)
+        partner = cfg.partners.get(shape)
+        if partner and partner not in shapes and rng.random() < cfg.prior_strength:
+            shapes.append(partner)
+    shapes = shapes[: cfg.max_objects + 1]
+    colours = [
+        TYPICAL_COLOUR.get(s, cfg.colours[0])
+        if rng.random() < cfg.colour_prior
+        else cfg.colours[int(rng.integers(len(cfg.colours)))]
+        for s in shapes
+    ]
+    # Text has no pixels: positions and opacity are placeholders.
+    objects = [ShapeObject(s, c) for s, c in zip(shapes, colours, strict=True)]
+    return Scene(_ordered(objects, cfg.shapes), cfg.grid, 0)
+
+
+def caption(scene: Scene) -> str:
+    """The gold caption: every object, in shape order, e.g. 'a red circle and a blue square.'"""
+    phrases = [f"a {o.colour} {o.shape}" for o in scene.objects]
+    if not phrases:
+        return "nothing."
+    if len(phrases) == 1:
+        return phrases[0] + "."
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1] + "."
+
+
+def questions(scene: Scene, rng: np.random.Generator, cfg: WorldConfig) -> list[tuple[str, str]]:
+    """Short question/answer pairs about the scene: existence (POPE-style), colour, count."""
+    present = sorted(scene.shapes, key=cfg.shapes.index)
+    absent = [s for s in cfg.shapes if s not in scene.shapes]
+    qa = []
+    shown = present[int(rng.integers(len(present)))] if present else None
+    if shown:
+        qa.append((f"Is there a {shown} in the image?", "Yes."))
+        colour = next(o.colour for o in scene.objects if o.shape == shown)
+        qa.append((f"What color is the {shown}?", f"The {shown} is {colour}."))
+    if absent:
+        missing = absent[int(rng.integers(len(absent)))]
+        qa.append((f"Is there a {missing} in the image?", "No."))
+    count = len(scene.objects)
+    answer = "There is one shape." if count == 1 else f"There are {NUMBER_WORDS[count]} shapes."
+    qa.append(("How many shapes are in the image?", answer))
+    return qa
+
+
+def _shape_masks(cell: int) -> dict[str, np.ndarray]:
+    """Boolean (cell, cell) masks of each shape, drawn at the centre of a cell."""
+    c = (cell - 1) / 2
+    y, x = np.mgrid[0:cell, 0:cell].astype(np.float32)
+    dx, dy = x - c, y - c
+    r = cell * 0.42
+    return {
+        "circle": dx**2 + dy**2 <= r**2,
+        "square": (np.abs(dx) <= r * 0.8) & (np.abs(dy) <= r * 0.8),
+        "triangle": (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.55),
+        "diamond": np.abs(dx) + np.abs(dy) <= r * 1.05,
+        "cross": ((np.abs(dx) <= r * 0.3) | (np.abs(dy) <= r * 0.3))
+        & (np.abs(dx) <= r)
+        & (np.abs(dy) <= r),
+        "ring": (dx**2 + dy**2 <= r**2) & (dx**2 + dy**2 >= (r * 0.55) ** 2),
+    }
+
+
+_MASK_CACHE: dict[int, dict[str, np.ndarray]] = {}
+
+
+def render(scene: Scene, cfg: WorldConfig) -> np.ndarray:
+    """The scene as an (H, W, 3) uint8 image; the pixel noise is seeded by the scene."""
+    masks = _MASK_CACHE.setdefault(cfg.cell_size, _shape_masks(cfg.cell_size))
+    side, cell = cfg.image_size, cfg.cell_size
+    image = np.empty((side, side, 3), np.float32)
+    image[:] = BACKGROUND
+    for obj in scene.objects:
+        patch = image[obj.row * cell : (obj.row + 1) * cell, obj.col * cell : (obj.col + 1) * cell]
+        mask = masks[obj.shape][..., None]
+        blended = (1 - obj.alpha) * patch + obj.alpha * np.asarray(RGB[obj.colour], np.float32)
+        patch[:] = np.where(mask, blended, patch)
+    if cfg.pixel_noise > 0:
+        noise_rng = np.random.default_rng(scene.seed)
+        image += noise_rng.normal(0.0, cfg.pixel_noise, image.shape).astype(np.float32)
+    return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+
+
+def cell_labels(scene: Scene, cfg: WorldConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell targets in row-major order: shape index + 1 (0 = empty) and colour index + 1."""
+    shape = np.zeros(cfg.grid * cfg.grid, np.int64)
+    colour = np.zeros(cfg.grid * cfg.grid, np.int64)
+    for obj in scene.objects:
+        cell = obj.row * cfg.grid + obj.col
+        shape[cell] = cfg.shapes.index(obj.shape) + 1
+        colour[cell] = cfg.colours.index(obj.colour) + 1
+    return shape, colour
+
+
+def mentioned_shapes(text: str, shapes: tuple[str, ...] = SHAPES) -> list[str]:
+    """Every shape word in `text`, in order, repeats kept (plural 's' accepted)."""
+    words = text.lower().replace(",", " ").replace(".", " ").replace("?", " ").split()
+    found = []
+    for word in words:
+        singular = word[:-1] if word.endswith("s") and word[:-1] in shapes else word
+        if singular in shapes:
+            found.append(singular)
+    return found
