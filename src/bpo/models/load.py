@@ -6,6 +6,7 @@ the tokenizer pads on the left so batched generation works.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -161,3 +162,27 @@ def count_image_tokens(processor: ProcessorMixin, image: Image.Image | None = No
         image = Image.new("RGB", (width, height))
     encoded = processor(images=image, text=processor.image_token, return_tensors="pt")
     return int((encoded["input_ids"] == processor.image_token_id).sum())
+
+
+@dataclass
+class ModelConfig:
+    """Which model a stage loads and how: the `model:` section of every stage's config."""
+
+    name_or_path: str
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    revision: str | None = None
+
+
+def load_from_config(config: ModelConfig) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """`load_model_and_processor` with the settings of a ModelConfig."""
+    return load_model_and_processor(
+        config.name_or_path,
+        dtype=config.dtype,
+        device=config.device,
+        trust_remote_code=config.trust_remote_code,
+        attn_implementation=config.attn_implementation,
+        revision=config.revision,
+    )

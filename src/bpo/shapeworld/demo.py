@@ -22,18 +22,22 @@ import numpy as np
 import torch
 
 import bpo
+from bpo.models.load import load_model_and_processor
 from bpo.models.tiny import TinyLlavaConfig, build_tiny_llava, save_tiny_llava
 from bpo.shapeworld import train
 from bpo.shapeworld.metrics import hallucination_metrics
 from bpo.shapeworld.world import (
     CAPTION_PROMPTS,
+    Scene,
     WorldConfig,
     caption,
+    cell_labels,
     questions,
     render,
     sample_scene,
     sample_text_scene,
 )
+from bpo.utils.console import progress_bar
 
 
 @dataclass
@@ -60,8 +64,10 @@ class DemoConfig:
     lm: StageConfig = field(default_factory=lambda: StageConfig(800, 64, 3e-3))
     tower: StageConfig = field(default_factory=lambda: StageConfig(400, 64, 2e-3))
     projector: StageConfig = field(default_factory=lambda: StageConfig(300, 32, 3e-3))
-    full: StageConfig = field(default_factory=lambda: StageConfig(120, 32, 5e-4))
+    full: StageConfig = field(default_factory=lambda: StageConfig(400, 32, 2e-3))
     replay_weight: float = 1.0  # text-corpus replay during the full stage
+    # "blank": replayed corpus captions come with an empty image (text-only data in image form)
+    replay_image: str = "blank"
     max_new_tokens: int = 40
     eval_batch_size: int = 100
     threads: int = 1  # torch threads; see `choose_threads`
@@ -120,17 +126,31 @@ def tokenizer_texts(world: World) -> list[str]:
     return texts
 
 
-def text_examples(processor, corpus: list[str], seed: int) -> list[train.Example]:
-    """The corpus as text-only chat turns ("USER: Describe the image. ASSISTANT: ...")."""
+def text_examples(
+    processor, corpus: list[str], seed: int, blank_images: int = 0
+) -> list[train.Example]:
+    """The corpus as chat turns ("USER: Describe the image. ASSISTANT: ...").
+
+    With `blank_images`, each turn carries one of that many empty images instead of none.
+    """
     prompts = train.PromptCache(processor)
     rng = np.random.default_rng(seed)
     examples = []
-    for text in corpus:
+    for i, text in enumerate(corpus):
         question = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
+        index = i % blank_images if blank_images else None
         examples.append(
-            train.Example(prompts(question, False), train.encode_answer(processor, text))
+            train.Example(
+                prompts(question, index is not None), train.encode_answer(processor, text), index
+            )
         )
     return examples
+
+
+def blank_pixels(processor, count: int, wcfg: WorldConfig, seed: int) -> torch.Tensor:
+    """Empty scenes (background and pixel noise only), through the image processor."""
+    empty = [Scene((), wcfg.grid, seed * 100003 + i) for i in range(count)]
+    return pixel_tensor(processor, empty, wcfg)
 
 
 def image_examples(processor, scenes, cfg: DemoConfig, seed: int) -> list[train.Example]:
@@ -153,8 +173,6 @@ def image_examples(processor, scenes, cfg: DemoConfig, seed: int) -> list[train.
 
 def pretrained_model(cfg: DemoConfig, world: World, cache_dir: Path, log):
     """The tiny LLaVA with its LM and tower pretrained, loaded from the cache when possible."""
-    from bpo.models.load import load_model_and_processor
-
     key = _digest(
         "pretrained", bpo.__version__, cfg.seed, asdict(cfg.world), asdict(cfg.model),
         cfg.corpus_size, cfg.tower_scenes, asdict(cfg.lm), asdict(cfg.tower),
@@ -166,21 +184,21 @@ def pretrained_model(cfg: DemoConfig, world: World, cache_dir: Path, log):
     model, processor = build_tiny_llava(tokenizer_texts(world), cfg.model, seed=cfg.seed)
     texts = text_examples(processor, world.corpus, cfg.seed)
     t0 = time.time()
-    losses = train.pretrain_language_model(
-        model, texts, cfg.lm.steps, cfg.lm.batch_size, cfg.lm.lr, cfg.seed
-    )
+    with progress_bar("LM pretraining", cfg.lm.steps) as advance:
+        losses = train.pretrain_language_model(
+            model, texts, cfg.lm.steps, cfg.lm.batch_size, cfg.lm.lr, cfg.seed, advance
+        )
     log(f"LM pretraining: {cfg.lm.steps} steps, loss {losses[-1]:.3f} ({time.time() - t0:.0f}s)")
     t0 = time.time()
-    from bpo.shapeworld.world import cell_labels
-
     pixels = pixel_tensor(processor, world.tower_scenes, cfg.world)
     labels = [cell_labels(s, cfg.world) for s in world.tower_scenes]
     shape_labels = torch.tensor(np.stack([lab[0] for lab in labels]))
     colour_labels = torch.tensor(np.stack([lab[1] for lab in labels]))
-    accuracy = train.pretrain_vision_tower(
-        model, pixels, shape_labels, colour_labels,
-        cfg.tower.steps, cfg.tower.batch_size, cfg.tower.lr, cfg.seed,
-    )  # fmt: skip
+    with progress_bar("vision tower pretraining", cfg.tower.steps) as advance:
+        accuracy = train.pretrain_vision_tower(
+            model, pixels, shape_labels, colour_labels,
+            cfg.tower.steps, cfg.tower.batch_size, cfg.tower.lr, cfg.seed, advance,
+        )  # fmt: skip
     log(f"tower pretraining: {cfg.tower.steps} steps, cell accuracy {accuracy:.3f} "
         f"({time.time() - t0:.0f}s)")  # fmt: skip
     save_tiny_llava(model, processor, folder, cfg.model)
@@ -191,13 +209,17 @@ def align_model(model, processor, cfg: DemoConfig, world: World, log):
     """LLaVA's stage 1 (projector) then a short stage 2 (projector + LM, with text replay)."""
     pixels = pixel_tensor(processor, world.align_scenes, cfg.world)
     examples = image_examples(processor, world.align_scenes, cfg, cfg.seed + 1)
-    replay = text_examples(processor, world.corpus, cfg.seed + 2)
+    blanks = 256 if cfg.replay_image == "blank" else 0
+    replay = text_examples(processor, world.corpus, cfg.seed + 2, blank_images=blanks)
+    replay_pixels = blank_pixels(processor, blanks, cfg.world, cfg.seed) if blanks else None
     for stage, sc in (("projector", cfg.projector), ("full", cfg.full)):
         t0 = time.time()
-        losses = train.align(
-            model, examples, pixels, stage, sc.steps, sc.batch_size, sc.lr, cfg.seed,
-            replay=replay if stage == "full" else (), replay_weight=cfg.replay_weight,
-        )  # fmt: skip
+        with progress_bar(f"alignment ({stage})", sc.steps) as advance:
+            losses = train.align(
+                model, examples, pixels, stage, sc.steps, sc.batch_size, sc.lr, cfg.seed,
+                replay=replay if stage == "full" else (), replay_weight=cfg.replay_weight,
+                replay_pixels=replay_pixels, progress=advance,
+            )  # fmt: skip
         log(f"alignment ({stage}): {sc.steps} steps, loss {np.mean(losses[-10:]):.3f} "
             f"({time.time() - t0:.0f}s)")  # fmt: skip
     return model
@@ -208,20 +230,27 @@ def describe(model, processor, pixels: torch.Tensor, cfg: DemoConfig, prompt: st
     """Greedy answers to one prompt for every image (batched; same prompt, so no padding)."""
     ids = train.PromptCache(processor)(prompt, True)
     answers = []
-    for start in range(0, len(pixels), cfg.eval_batch_size):
-        batch = pixels[start : start + cfg.eval_batch_size]
-        input_ids = torch.tensor([ids] * len(batch))
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            pixel_values=batch,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=False,
-        )
-        answers.extend(
-            processor.tokenizer.batch_decode(out[:, len(ids) :], skip_special_tokens=True)
-        )
+    starts = range(0, len(pixels), cfg.eval_batch_size)
+    with progress_bar("greedy captions", len(starts)) as advance:
+        for start in starts:
+            answers.extend(_describe_batch(model, processor, pixels, ids, start, cfg))
+            advance(start)
     return [a.strip() for a in answers]
+
+
+@torch.no_grad()
+def _describe_batch(model, processor, pixels, ids: list[int], start: int, cfg: DemoConfig):
+    """Greedy answers for one batch of images that share the prompt `ids`."""
+    batch = pixels[start : start + cfg.eval_batch_size]
+    input_ids = torch.tensor([ids] * len(batch))
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=batch,
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=False,
+    )
+    return processor.tokenizer.batch_decode(out[:, len(ids) :], skip_special_tokens=True)
 
 
 def evaluate_base(model, processor, cfg: DemoConfig, world: World) -> tuple[dict, list[str]]:
@@ -239,6 +268,21 @@ def versions() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+    }
+
+
+# What the base model must show for ShapeWorld to reproduce the problem BPO solves (issue #2).
+TARGETS = {"chair_i": 0.03, "recall": 0.5, "partner_ratio": 1.5}
+
+
+def check_base(metrics: dict) -> dict:
+    """Which of the targets the base model meets: enough hallucination, prior-driven."""
+    ratio = metrics["partner_share"] / metrics["partner_chance"] if metrics["partner_chance"] else 0
+    return {
+        "chair_i>=0.03": metrics["chair_i"] >= TARGETS["chair_i"],
+        "recall>=0.5": metrics["recall"] >= TARGETS["recall"],
+        "partner_share>=1.5*partner_chance": ratio >= TARGETS["partner_ratio"],
+        "partner_ratio": round(ratio, 3),
     }
 
 
@@ -262,6 +306,7 @@ def run_demo(cfg: DemoConfig, out: Path, log=print) -> dict:
     )
     results = {
         "arms": {"base": metrics},
+        "checks": {"base": check_base(metrics)},
         "config": asdict(cfg),
         "versions": versions(),
         "wall_s": round(time.time() - started, 1),

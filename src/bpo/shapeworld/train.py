@@ -82,7 +82,9 @@ def collate(
     batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
     rows = [e.image_index for e in examples if e.image_index is not None]
     if rows:
-        assert pixels is not None and len(rows) == len(examples), "mix text/image in separate batches"
+        assert pixels is not None and len(rows) == len(examples), (
+            "mix text/image in separate batches"
+        )
         batch["pixel_values"] = pixels[rows]
     return batch
 
@@ -146,7 +148,13 @@ def _set_trainable(model, parts: set[str]) -> list[nn.Parameter]:
 
 
 def pretrain_language_model(
-    model, texts: Sequence[Example], steps: int, batch_size: int, lr: float, seed: int, progress=None
+    model,
+    texts: Sequence[Example],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress=None,
 ) -> list[float]:
     """Train the LM (embeddings, layers, head) on text-only examples."""
     params = _set_trainable(model, {"lm"})
@@ -231,6 +239,7 @@ def align(
     seed: int,
     replay: Sequence[Example] = (),
     replay_weight: float = 0.0,
+    replay_pixels: torch.Tensor | None = None,
     progress=None,
 ) -> list[float]:
     """LLaVA alignment: stage 'projector' (LM frozen) or 'full' (projector + LM, tower frozen).
@@ -251,7 +260,7 @@ def align(
         batch = collate([examples[i] for i in next(batches)], pixels, pad)
         loss = model(**batch).loss
         if replay_batches is not None and replay_weight > 0:
-            text_batch = collate([replay[i] for i in next(replay_batches)], None, pad)
+            text_batch = collate([replay[i] for i in next(replay_batches)], replay_pixels, pad)
             loss = loss + replay_weight * model(**text_batch).loss
         return loss
 

@@ -16,11 +16,14 @@ prior that says "a circle comes with a square" competes with what the image show
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "ring")
+SHAPES: tuple[str, ...] = (
+    "circle", "square", "triangle", "diamond", "cross", "ring", "bar", "frame",
+)  # fmt: skip
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "white")
 # Text-prior partners: in the text corpus each shape nearly always appears with its partner.
 PARTNERS: dict[str, str] = {
@@ -30,6 +33,8 @@ PARTNERS: dict[str, str] = {
     "diamond": "triangle",
     "cross": "ring",
     "ring": "cross",
+    "bar": "frame",
+    "frame": "bar",
 }
 # The colour a shape usually has in text (a weaker, attribute-level prior).
 TYPICAL_COLOUR: dict[str, str] = {
@@ -39,6 +44,8 @@ TYPICAL_COLOUR: dict[str, str] = {
     "diamond": "yellow",
     "cross": "purple",
     "ring": "white",
+    "bar": "red",
+    "frame": "green",
 }
 RGB: dict[str, tuple[float, float, float]] = {
     "red": (0.92, 0.16, 0.14),
@@ -89,7 +96,7 @@ class WorldConfig:
     grid: int = 4
     cell_size: int = 8  # image side = grid * cell_size; the tiny tower's patch is one cell
     min_objects: int = 1
-    max_objects: int = 4
+    max_objects: int = 3
     # Share of objects drawn faint (low contrast): visual ambiguity where the prior can decide.
     faint_prob: float = 0.3
     faint_alpha: tuple[float, float] = (0.25, 0.45)
@@ -119,7 +126,9 @@ def _place(rng: np.random.Generator, shapes: list[str], colours: list[str], cfg:
         faint = rng.random() < cfg.faint_prob
         low, high = cfg.faint_alpha if faint else cfg.solid_alpha
         alpha = round(float(rng.uniform(low, high)), 3)
-        objects.append(ShapeObject(shape, colour, int(cell) // cfg.grid, int(cell) % cfg.grid, alpha))
+        objects.append(
+            ShapeObject(shape, colour, int(cell) // cfg.grid, int(cell) % cfg.grid, alpha)
+        )
     return _ordered(objects, cfg.shapes)
 
 
@@ -140,11 +149,11 @@ def sample_text_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
         shape = remaining[int(rng.integers(len(remaining)))]
         shapes.append(shape)
         partner = cfg.partners.get(shape)
-        if partner and partner not in shapes and rng.random() < cfg.prior_strength:
+        room = len(shapes) < cfg.max_objects
+        if partner and partner not in shapes and room and rng.random() < cfg.prior_strength:
             shapes.append(partner)
-    shapes = shapes[: cfg.max_objects + 1]
     colours = [
-        TYPICAL_COLOUR.get(s, cfg.colours[0])
+        typical_colour(s, cfg)
         if rng.random() < cfg.colour_prior
         else cfg.colours[int(rng.integers(len(cfg.colours)))]
         for s in shapes
@@ -152,6 +161,14 @@ def sample_text_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
     # Text has no pixels: positions and opacity are placeholders.
     objects = [ShapeObject(s, c) for s, c in zip(shapes, colours, strict=True)]
     return Scene(_ordered(objects, cfg.shapes), cfg.grid, 0)
+
+
+def typical_colour(shape: str, cfg: WorldConfig) -> str:
+    """The colour the text corpus prefers for `shape` (one of the world's colours)."""
+    colour = TYPICAL_COLOUR.get(shape)
+    return (
+        colour if colour in cfg.colours else cfg.colours[cfg.shapes.index(shape) % len(cfg.colours)]
+    )
 
 
 def caption(scene: Scene) -> str:
@@ -198,6 +215,9 @@ def _shape_masks(cell: int) -> dict[str, np.ndarray]:
         & (np.abs(dx) <= r)
         & (np.abs(dy) <= r),
         "ring": (dx**2 + dy**2 <= r**2) & (dx**2 + dy**2 >= (r * 0.55) ** 2),
+        "bar": (np.abs(dx) <= r) & (np.abs(dy) <= r * 0.4),
+        "frame": (np.maximum(np.abs(dx), np.abs(dy)) <= r * 0.9)
+        & (np.maximum(np.abs(dx), np.abs(dy)) >= r * 0.45),
     }
 
 
@@ -233,11 +253,11 @@ def cell_labels(scene: Scene, cfg: WorldConfig) -> tuple[np.ndarray, np.ndarray]
 
 
 def mentioned_shapes(text: str, shapes: tuple[str, ...] = SHAPES) -> list[str]:
-    """Every shape word in `text`, in order, repeats kept (plural 's' accepted)."""
-    words = text.lower().replace(",", " ").replace(".", " ").replace("?", " ").split()
+    """Every shape word in `text`, in order, repeats kept (plurals 'circles', 'crosses' accepted)."""
     found = []
-    for word in words:
-        singular = word[:-1] if word.endswith("s") and word[:-1] in shapes else word
-        if singular in shapes:
-            found.append(singular)
+    for word in re.findall(r"[a-z]+", text.lower()):
+        for candidate in (word, word[:-1], word[:-2]):
+            if candidate in shapes and (candidate == word or word.endswith("s")):
+                found.append(candidate)
+                break
     return found

@@ -1,0 +1,129 @@
+"""Write ShapeWorld scenes as a LLaVA conversation dataset, with the exact ground truth beside it.
+
+Layout of `out_dir`:
+
+- `images/sw_000000.png`, ...: each scene rendered by `world.render` (PNG, so lossless);
+- `data.json`: LLaVA records, `<image>` + a caption prompt answered by the gold caption, then the
+  scene's questions as further turns; `bpo.data.read_llava(data.json, image_root=out_dir)` reads it;
+- `scenes.jsonl`: one line per record, in the same order, with the scene's objects, grid and seed;
+  `read_scenes` loads them back as equal `Scene`s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from bpo.shapeworld.world import (
+    CAPTION_PROMPTS,
+    Scene,
+    ShapeObject,
+    WorldConfig,
+    caption,
+    questions,
+    render,
+)
+
+
+def record_id(index: int) -> str:
+    """The id of the `index`-th exported scene, e.g. 'sw_000123'."""
+    return f"sw_{index:06d}"
+
+
+def scene_to_json(scene: Scene) -> dict[str, Any]:
+    """The scene's exact ground truth as a JSON-ready dict (objects in caption order)."""
+    return {
+        "grid": scene.grid,
+        "seed": scene.seed,
+        "objects": [
+            {"shape": o.shape, "colour": o.colour, "row": o.row, "col": o.col, "alpha": o.alpha}
+            for o in scene.objects
+        ],
+    }
+
+
+def scene_from_json(data: dict[str, Any]) -> Scene:
+    """The Scene a `scene_to_json` dict (or a scenes.jsonl line) describes."""
+    objects = tuple(
+        ShapeObject(o["shape"], o["colour"], int(o["row"]), int(o["col"]), float(o["alpha"]))
+        for o in data["objects"]
+    )
+    return Scene(objects, int(data["grid"]), int(data["seed"]))
+
+
+def _conversation(
+    scene: Scene, rng: np.random.Generator, cfg: WorldConfig, prompt: str, with_questions: bool
+) -> list[dict[str, str]]:
+    turns = [
+        {"from": "human", "value": f"<image>\n{prompt}"},
+        {"from": "gpt", "value": caption(scene)},
+    ]
+    if with_questions:
+        for question, answer in questions(scene, rng, cfg):
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return turns
+
+
+def write_llava_dataset(
+    scenes: Iterable[Scene],
+    cfg: WorldConfig,
+    out_dir: str | Path,
+    seed: int = 0,
+    with_questions: bool = True,
+    prompt: str = CAPTION_PROMPTS[0],
+) -> Path:
+    """Render `scenes` and write images, data.json and scenes.jsonl under `out_dir`; returns data.json.
+
+    Args:
+        scenes: any iterable (a generator is fine); record k gets id `record_id(k)`.
+        seed: seeds the question choice; record k's questions use `default_rng((seed, k))`, so
+            the output is the same for the same scenes and seed, whatever came before.
+        prompt: the user turn before the caption (after `<image>\\n`).
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    with (out / "scenes.jsonl").open("w", encoding="utf-8") as truth_file:
+        for index, scene in enumerate(scenes):
+            sample_id = record_id(index)
+            if scene.grid != cfg.grid:
+                raise ValueError(
+                    f"scene {index} ({sample_id}) has grid {scene.grid} but the config has grid "
+                    f"{cfg.grid}; render with the WorldConfig the scenes were sampled from"
+                )
+            image = f"images/{sample_id}.png"
+            Image.fromarray(render(scene, cfg)).save(out / image, format="PNG")
+            rng = np.random.default_rng((seed, index))
+            turns = _conversation(scene, rng, cfg, prompt, with_questions)
+            records.append({"id": sample_id, "image": image, "conversations": turns})
+            line = {"id": sample_id, "image": image, **scene_to_json(scene)}
+            truth_file.write(json.dumps(line) + "\n")
+    # Written whole, then renamed: a crash never leaves a truncated data.json behind.
+    data_path = out / "data.json"
+    partial = out / "data.json.partial"
+    partial.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    os.replace(partial, data_path)
+    return data_path
+
+
+def read_scenes(path: str | Path) -> list[Scene]:
+    """The scenes of a scenes.jsonl file written by `write_llava_dataset`, in record order."""
+    scenes = []
+    with Path(path).open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                scenes.append(scene_from_json(json.loads(line)))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"{path} line {number}: not a scene ({type(exc).__name__}: {exc}); "
+                    "re-export the dataset with write_llava_dataset"
+                ) from exc
+    return scenes

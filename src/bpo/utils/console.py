@@ -1,0 +1,60 @@
+"""Console output: one rich console, and the metrics table every stage prints."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+console = Console(stderr=True)
+
+TABLE_METRICS = ("chair_i", "chair_s", "recall", "partner_share", "partner_chance")
+
+
+def metrics_table(arms: dict[str, dict], metrics=TABLE_METRICS) -> Table:
+    """A table with one row per arm and one column per metric (missing values shown as '-')."""
+    table = Table(title="Object hallucination on held-out scenes")
+    table.add_column("arm")
+    for name in metrics:
+        table.add_column(name, justify="right")
+    for arm, values in arms.items():
+        cells = [f"{values[m]:.4f}" if m in values else "-" for m in metrics]
+        table.add_row(arm, *cells)
+    return table
+
+
+def print_metrics_table(arms: dict[str, dict]) -> None:
+    Console().print(metrics_table(arms))
+
+
+@contextmanager
+def progress_bar(description: str, total: int, enabled: bool = True):
+    """A progress bar with rate and ETA; yields `advance(step, loss=None)` for the loop to call."""
+    if not enabled:
+        yield lambda *_args: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total, loss="")
+
+        def advance(_step: int, loss: float | None = None) -> None:
+            shown = f"loss {loss:.3f}" if loss is not None else ""
+            progress.update(task, advance=1, loss=shown)
+
+        yield advance

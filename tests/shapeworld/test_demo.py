@@ -1,0 +1,86 @@
+"""`bpo demo` end to end on a miniature configuration (slow tier)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bpo.models.load import load_model_and_processor
+from bpo.shapeworld.demo import (
+    DemoConfig,
+    StageConfig,
+    build_world,
+    check_base,
+    describe,
+    pixel_tensor,
+    run_demo,
+)
+from bpo.shapeworld.metrics import hallucination_metrics
+from bpo.shapeworld.world import CAPTION_PROMPTS, caption
+
+
+def mini_config() -> DemoConfig:
+    """Every stage runs, each for a handful of steps."""
+    return DemoConfig(
+        corpus_size=600,
+        tower_scenes=64,
+        align_scenes=64,
+        eval_scenes=40,
+        lm=StageConfig(6, 16, 3e-3),
+        tower=StageConfig(4, 16, 2e-3),
+        projector=StageConfig(4, 16, 3e-3),
+        full=StageConfig(4, 16, 2e-3),
+        max_new_tokens=12,
+        eval_batch_size=16,
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    logs: list[str] = []
+    results = run_demo(mini_config(), out, log=logs.append)
+    return out, results, logs
+
+
+@pytest.mark.slow
+def test_results_json_matches_answers_file(demo_run):
+    """The metrics written are those of the answers written, recomputed from the exact scenes."""
+    out, results, _ = demo_run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["arms"] == results["arms"]
+    rows = [json.loads(line) for line in (out / "answers-base.jsonl").read_text().splitlines()]
+    scenes = build_world(mini_config()).eval_scenes
+    assert [r["truth"] for r in rows] == [caption(s) for s in scenes]
+    recomputed = hallucination_metrics([r["answer"] for r in rows], scenes)
+    assert on_disk["arms"]["base"] == pytest.approx(recomputed)
+    assert on_disk["checks"]["base"] == check_base(recomputed)
+    assert on_disk["config"]["eval_scenes"] == 40
+    assert set(on_disk["versions"]) >= {"bpo", "torch", "transformers", "python"}
+
+
+@pytest.mark.slow
+def test_saved_base_model_reproduces_the_answers(demo_run):
+    """OUT/base loads through from_pretrained and gives the same greedy answers."""
+    out, _, _ = demo_run
+    model, processor = load_model_and_processor(str(out / "base"), dtype="float32", device="cpu")
+    cfg = mini_config()
+    scenes = build_world(cfg).eval_scenes[:8]
+    pixels = pixel_tensor(processor, scenes, cfg.world)
+    answers = describe(model, processor, pixels, cfg, CAPTION_PROMPTS[0])
+    rows = [json.loads(line) for line in (out / "answers-base.jsonl").read_text().splitlines()]
+    assert answers == [r["answer"] for r in rows[:8]]
+
+
+@pytest.mark.slow
+def test_rerun_uses_the_cached_pretraining_and_is_deterministic(demo_run, tmp_path):
+    """A second run in the same folder skips pretraining and writes identical metrics."""
+    out, first, logs = demo_run
+    assert not any("cached" in line for line in logs)
+    again_logs: list[str] = []
+    torch.manual_seed(123)  # global RNG state must not matter: every stage seeds itself
+    second = run_demo(mini_config(), out, log=again_logs.append)
+    assert any("cached" in line for line in again_logs)
+    assert second["arms"] == first["arms"]
