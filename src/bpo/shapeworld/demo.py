@@ -76,8 +76,9 @@ class DemoConfig:
 def choose_threads(requested: int) -> int:
     """Torch threads for tiny models: 1 unless asked.
 
-    Measured here: on 2 shared cores, tiny-model steps with 2 OpenMP threads ran many times slower
-    than with 1 (the threads spin waiting for each other on ops too small to split).
+    On an idle 2-core machine 2 threads were ~1.25x faster per step (benchmarks/threads.py), but
+    on cores shared with other work OpenMP threads spin-wait on ops this small and ran many times
+    slower than 1 in prototypes; 1 is the safe default.
     """
     return max(1, requested)
 

@@ -98,12 +98,12 @@ class WorldConfig:
     min_objects: int = 1
     max_objects: int = 3
     # Share of objects drawn faint (low contrast): visual ambiguity where the prior can decide.
-    faint_prob: float = 0.3
+    faint_prob: float = 0.5
     faint_alpha: tuple[float, float] = (0.25, 0.45)
     solid_alpha: tuple[float, float] = (0.8, 1.0)
     # Fixed per-image pixel noise (std on the 0..1 scale), part of the image, not augmentation.
     pixel_noise: float = 0.12
-    prior_strength: float = 0.95  # P(partner in text | shape in text)
+    prior_strength: float = 0.99  # P(partner in text | shape in text)
     colour_prior: float = 0.6  # P(typical colour in text)
     shapes: tuple[str, ...] = SHAPES
     colours: tuple[str, ...] = COLOURS
