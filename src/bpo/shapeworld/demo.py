@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 
 import bpo
 from bpo.models.load import load_model_and_processor
@@ -181,7 +182,10 @@ def pretrained_model(cfg: DemoConfig, world: World, cache_dir: Path, log):
     folder = cache_dir / f"pretrained-{key}"
     if (folder / "config.json").exists():
         log(f"pretrained LM and tower: cached in {folder}")
-        return load_model_and_processor(str(folder), dtype="float32", device="cpu")
+        # Eager attention, as the freshly built model has: a rerun then trains bit for bit alike.
+        return load_model_and_processor(
+            str(folder), dtype="float32", device="cpu", attn_implementation="eager"
+        )
     model, processor = build_tiny_llava(tokenizer_texts(world), cfg.model, seed=cfg.seed)
     texts = text_examples(processor, world.corpus, cfg.seed)
     t0 = time.time()
@@ -262,8 +266,6 @@ def evaluate_base(model, processor, cfg: DemoConfig, world: World) -> tuple[dict
 
 
 def versions() -> dict:
-    import transformers
-
     return {
         "bpo": bpo.__version__,
         "python": platform.python_version(),
@@ -291,6 +293,7 @@ def run_demo(cfg: DemoConfig, out: Path, log=print) -> dict:
     """Run the demo end to end and write OUT/results.json; returns the results."""
     started = time.time()
     torch.set_num_threads(choose_threads(cfg.threads))
+    transformers.utils.logging.disable_progress_bar()  # our own bars; no per-save shard bars
     out.mkdir(parents=True, exist_ok=True)
     world = build_world(cfg)
     log(f"world: {len(world.corpus)} corpus captions, {len(world.align_scenes)} alignment scenes, "
