@@ -31,5 +31,5 @@ def test_shipped_demo_config_is_the_default_run():
     parser.add_argument("--out", type=str)
     parser.add_argument("--run", type=DemoConfig)
     parsed = parser.parse_path(str(CONFIGS / "shapeworld-demo.yaml"))
-    run = parser.instantiate_classes(parsed).run
+    run = parser.instantiate(parsed).run
     assert run == DemoConfig()
