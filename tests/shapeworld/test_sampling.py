@@ -123,11 +123,14 @@ def test_text_scene_without_prior_has_partners_at_the_independent_rate():
 
 
 def test_text_scene_with_full_colour_prior_uses_typical_colours():
-    """colour_prior = 1: every object gets its shape's typical colour; positions are (0, 0) with
-    alpha 1 (text has no pixels)."""
+    """colour_prior = 1: every object gets its shape's typical colour; objects sit in distinct
+    cells of the grid (for grid descriptions) with alpha 1 (text has no pixels)."""
     cfg = config(colour_prior=1.0)
     rng = np.random.default_rng(5)
     for _ in range(200):
-        for o in sample_text_scene(rng, cfg).objects:
+        scene = sample_text_scene(rng, cfg)
+        cells = [(o.row, o.col) for o in scene.objects]
+        assert len(set(cells)) == len(cells)
+        for o in scene.objects:
             assert o.colour == TYPICAL_COLOUR[o.shape]
-            assert (o.row, o.col, o.alpha) == (0, 0, 1.0)
+            assert 0 <= o.row < cfg.grid and 0 <= o.col < cfg.grid and o.alpha == 1.0

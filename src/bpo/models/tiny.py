@@ -8,12 +8,12 @@ the same `from_pretrained` path a user's `llava-hf/llava-1.5-7b-hf` takes, offli
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -73,8 +73,13 @@ class TinyLlavaConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on `texts`; `<image>` and the chat specials are atomic."""
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, extra_tokens: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts`; `<image>` and the chat specials are atomic.
+
+    extra_tokens: words that must stay single tokens (added after training, not special).
+    """
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -85,6 +90,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrain
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if extra_tokens:
+        tokenizer.add_tokens([AddedToken(t, normalized=False) for t in extra_tokens])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         unk_token="<unk>",
@@ -163,11 +170,14 @@ def build_model(
 
 
 def build_tiny_llava(
-    texts: Iterable[str], config: TinyLlavaConfig | None = None, seed: int = 0
+    texts: Iterable[str],
+    config: TinyLlavaConfig | None = None,
+    seed: int = 0,
+    extra_tokens: Sequence[str] = (),
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Train a tokenizer on `texts`, then build the processor and a fresh model around it."""
     config = config or TinyLlavaConfig()
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=config.vocab_size)
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=config.vocab_size, extra_tokens=extra_tokens)
     processor = build_processor(config, tokenizer)
     model = build_model(config, tokenizer, seed=seed)
     return model, processor

@@ -1,12 +1,20 @@
 """`bpo demo`: build ShapeWorld and its base model, then measure the base model's hallucination.
 
 The run, each step seeded:
-1. the world: an unbiased alignment set, held-out evaluation scenes, and a biased text corpus;
+1. the world: an unbiased alignment set, held-out evaluation scenes, and a biased text corpus
+   (captions, some prompted with a grid description of their scene);
 2. a tiny LLaVA (tokenizer trained on the world's text), its LM pretrained on the corpus and its
    vision tower on the world's images (cached under OUT/cache, so reruns skip both);
-3. LLaVA's two alignment stages on the unbiased set;
+3. LLaVA's two alignment stages on the unbiased set: the projector alone with the LM frozen (it
+   learns to emit the image as something the LM reads like a grid description), then a short pass
+   over projector + LM with the corpus replayed;
 4. greedy captions of the held-out scenes, scored with CHAIR, recall and the partner share.
 Writes OUT/base (HF format), OUT/results.json and prints a table.
+
+Why the base model hallucinates from the text prior: where the image is unclear (faint objects,
+noise) the frozen-then-briefly-tuned LM fills the gap the way its corpus taught it, with the
+partner of what it did see. With `world.prior_strength=0` (an unbiased corpus) the partner share
+falls to chance: that control is the evidence.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from bpo.shapeworld.world import (
     WorldConfig,
     caption,
     cell_labels,
+    grid_description,
+    grid_vocabulary,
     questions,
     render,
     sample_scene,
@@ -64,11 +74,13 @@ class DemoConfig:
     qa_fraction: float = 0.3  # share of alignment examples that are questions, not captions
     lm: StageConfig = field(default_factory=lambda: StageConfig(800, 64, 3e-3))
     tower: StageConfig = field(default_factory=lambda: StageConfig(400, 64, 2e-3))
-    projector: StageConfig = field(default_factory=lambda: StageConfig(300, 32, 3e-3))
-    full: StageConfig = field(default_factory=lambda: StageConfig(400, 32, 2e-3))
+    projector: StageConfig = field(default_factory=lambda: StageConfig(500, 32, 3e-3))
+    full: StageConfig = field(default_factory=lambda: StageConfig(40, 32, 5e-4))
+    # Share of corpus texts whose prompt carries the scene as a grid description (some cells
+    # unknown): they teach the LM to read a scene from context and fill gaps from its prior.
+    grid_fraction: float = 0.6
+    unknown_prob: float = 0.3
     replay_weight: float = 1.0  # text-corpus replay during the full stage
-    # "blank": replayed corpus captions come with an empty image (text-only data in image form)
-    replay_image: str = "blank"
     max_new_tokens: int = 40
     eval_batch_size: int = 100
     threads: int = 1  # torch threads; see `choose_threads`
@@ -96,7 +108,12 @@ class World:
     tower_scenes: list
     align_scenes: list
     eval_scenes: list
-    corpus: list[str]
+    corpus_scenes: list
+
+    @property
+    def corpus(self) -> list[str]:
+        """The corpus captions."""
+        return [caption(scene) for scene in self.corpus_scenes]
 
 
 def build_world(cfg: DemoConfig) -> World:
@@ -107,7 +124,7 @@ def build_world(cfg: DemoConfig) -> World:
     tower = [sample_scene(rngs[0], wcfg) for _ in range(cfg.tower_scenes)]
     align = [sample_scene(rngs[1], wcfg) for _ in range(cfg.align_scenes)]
     held_out = [sample_scene(rngs[2], wcfg) for _ in range(cfg.eval_scenes)]
-    corpus = [caption(sample_text_scene(rngs[3], wcfg)) for _ in range(cfg.corpus_size)]
+    corpus = [sample_text_scene(rngs[3], wcfg) for _ in range(cfg.corpus_size)]
     return World(tower, align, held_out, corpus)
 
 
@@ -129,30 +146,19 @@ def tokenizer_texts(world: World) -> list[str]:
 
 
 def text_examples(
-    processor, corpus: list[str], seed: int, blank_images: int = 0
+    processor, scenes: list[Scene], cfg: DemoConfig, seed: int
 ) -> list[train.Example]:
-    """The corpus as chat turns ("USER: Describe the image. ASSISTANT: ...").
-
-    With `blank_images`, each turn carries one of that many empty images instead of none.
-    """
+    """The corpus as chat turns: "USER: [grid description\n]Describe the image. ASSISTANT: ..."."""
     prompts = train.PromptCache(processor)
     rng = np.random.default_rng(seed)
     examples = []
-    for i, text in enumerate(corpus):
+    for scene in scenes:
         question = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
-        index = i % blank_images if blank_images else None
-        examples.append(
-            train.Example(
-                prompts(question, index is not None), train.encode_answer(processor, text), index
-            )
-        )
+        if rng.random() < cfg.grid_fraction:
+            question = grid_description(scene, rng, cfg.unknown_prob) + "\n" + question
+        answer = train.encode_answer(processor, caption(scene))
+        examples.append(train.Example(prompts(question, False), answer))
     return examples
-
-
-def blank_pixels(processor, count: int, wcfg: WorldConfig, seed: int) -> torch.Tensor:
-    """Empty scenes (background and pixel noise only), through the image processor."""
-    empty = [Scene((), wcfg.grid, seed * 100003 + i) for i in range(count)]
-    return pixel_tensor(processor, empty, wcfg)
 
 
 def image_examples(processor, scenes, cfg: DemoConfig, seed: int) -> list[train.Example]:
@@ -178,6 +184,7 @@ def pretrained_model(cfg: DemoConfig, world: World, cache_dir: Path, log):
     key = _digest(
         "pretrained", bpo.__version__, cfg.seed, asdict(cfg.world), asdict(cfg.model),
         cfg.corpus_size, cfg.tower_scenes, asdict(cfg.lm), asdict(cfg.tower),
+        cfg.grid_fraction, cfg.unknown_prob,
     )  # fmt: skip
     folder = cache_dir / f"pretrained-{key}"
     if (folder / "config.json").exists():
@@ -186,8 +193,10 @@ def pretrained_model(cfg: DemoConfig, world: World, cache_dir: Path, log):
         return load_model_and_processor(
             str(folder), dtype="float32", device="cpu", attn_implementation="eager"
         )
-    model, processor = build_tiny_llava(tokenizer_texts(world), cfg.model, seed=cfg.seed)
-    texts = text_examples(processor, world.corpus, cfg.seed)
+    model, processor = build_tiny_llava(
+        tokenizer_texts(world), cfg.model, seed=cfg.seed, extra_tokens=grid_vocabulary(cfg.world)
+    )
+    texts = text_examples(processor, world.corpus_scenes, cfg, cfg.seed)
     t0 = time.time()
     with progress_bar("LM pretraining", cfg.lm.steps) as advance:
         losses = train.pretrain_language_model(
@@ -214,16 +223,14 @@ def align_model(model, processor, cfg: DemoConfig, world: World, log):
     """LLaVA's stage 1 (projector) then a short stage 2 (projector + LM, with text replay)."""
     pixels = pixel_tensor(processor, world.align_scenes, cfg.world)
     examples = image_examples(processor, world.align_scenes, cfg, cfg.seed + 1)
-    blanks = 256 if cfg.replay_image == "blank" else 0
-    replay = text_examples(processor, world.corpus, cfg.seed + 2, blank_images=blanks)
-    replay_pixels = blank_pixels(processor, blanks, cfg.world, cfg.seed) if blanks else None
+    replay = text_examples(processor, world.corpus_scenes, cfg, cfg.seed + 2)
     for stage, sc in (("projector", cfg.projector), ("full", cfg.full)):
         t0 = time.time()
         with progress_bar(f"alignment ({stage})", sc.steps) as advance:
             losses = train.align(
                 model, examples, pixels, stage, sc.steps, sc.batch_size, sc.lr, cfg.seed,
                 replay=replay if stage == "full" else (), replay_weight=cfg.replay_weight,
-                replay_pixels=replay_pixels, progress=advance,
+                progress=advance,
             )  # fmt: skip
         log(f"alignment ({stage}): {sc.steps} steps, loss {np.mean(losses[-10:]):.3f} "
             f"({time.time() - t0:.0f}s)")  # fmt: skip
@@ -296,7 +303,7 @@ def run_demo(cfg: DemoConfig, out: Path, log=print) -> dict:
     transformers.utils.logging.disable_progress_bar()  # our own bars; no per-save shard bars
     out.mkdir(parents=True, exist_ok=True)
     world = build_world(cfg)
-    log(f"world: {len(world.corpus)} corpus captions, {len(world.align_scenes)} alignment scenes, "
+    log(f"world: {len(world.corpus_scenes)} corpus captions, {len(world.align_scenes)} alignment scenes, "
         f"{len(world.eval_scenes)} held-out scenes")  # fmt: skip
     model, processor = pretrained_model(cfg, world, out / "cache", log)
     model = align_model(model, processor, cfg, world, log)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +42,13 @@ def scene_to_json(scene: Scene) -> dict[str, Any]:
     return {
         "grid": scene.grid,
         "seed": scene.seed,
-        "objects": [
-            {"shape": o.shape, "colour": o.colour, "row": o.row, "col": o.col, "alpha": o.alpha}
-            for o in scene.objects
-        ],
+        "objects": [asdict(o) for o in scene.objects],
     }
 
 
 def scene_from_json(data: dict[str, Any]) -> Scene:
     """The Scene a `scene_to_json` dict (or a scenes.jsonl line) describes."""
-    objects = tuple(
-        ShapeObject(o["shape"], o["colour"], int(o["row"]), int(o["col"]), float(o["alpha"]))
-        for o in data["objects"]
-    )
+    objects = tuple(ShapeObject(**o) for o in data["objects"])
     return Scene(objects, int(data["grid"]), int(data["seed"]))
 
 

@@ -239,7 +239,6 @@ def align(
     seed: int,
     replay: Sequence[Example] = (),
     replay_weight: float = 0.0,
-    replay_pixels: torch.Tensor | None = None,
     progress=None,
 ) -> list[float]:
     """LLaVA alignment: stage 'projector' (LM frozen) or 'full' (projector + LM, tower frozen).
@@ -260,7 +259,7 @@ def align(
         batch = collate([examples[i] for i in next(batches)], pixels, pad)
         loss = model(**batch).loss
         if replay_batches is not None and replay_weight > 0:
-            text_batch = collate([replay[i] for i in next(replay_batches)], replay_pixels, pad)
+            text_batch = collate([replay[i] for i in next(replay_batches)], None, pad)
             loss = loss + replay_weight * model(**text_batch).loss
         return loss
 

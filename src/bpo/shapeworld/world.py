@@ -4,14 +4,19 @@ Ground truth is exact: a scene *is* its list of objects. Two samplers share the 
 caption writer:
 
 - `sample_scene` draws shapes independently (the unbiased image data the model is aligned on and
-  evaluated on);
+  evaluated on); some objects are faint, and every image carries fixed pixel noise, so the eye is
+  sometimes unsure;
 - `sample_text_scene` draws shapes with a strong co-occurrence prior (a shape's partner comes along
-  with probability `prior_strength`) and a colour prior; only its caption is used, as the text-only
-  corpus the language model is pretrained on. This is the language prior BPO has to overcome.
+  with probability `prior_strength`) and a colour prior; only text is made from it: the corpus the
+  language model is pretrained on. This is the language prior BPO has to overcome.
 
-Captions list objects in a fixed shape order ("a red circle, a blue square and a green cross."),
-so the model's choice after each object is "which shape comes next, if any": exactly where a text
-prior that says "a circle comes with a square" competes with what the image shows.
+Partners look unalike (circle-cross, square-ring, triangle-bar, diamond-frame), so a partner named
+in place of a real shape is the prior speaking, not a visual confusion. Captions list objects in a
+fixed shape order with partners adjacent ("a red circle, a purple cross and a blue ring."), so
+after each object the model chooses "which shape next, if any", where the prior competes with
+the image. Some corpus texts also carry the scene as a grid description, one word per cell with
+some cells unknown (`grid_description`): the LM learns to read a scene from its context and to fill
+what it cannot read from its prior, as a real LLM does.
 """
 
 from __future__ import annotations
@@ -21,30 +26,32 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Partners sit next to each other in this (caption) order, and each pair joins two shapes that
+# look unalike, so a partner named in place of a real shape is the prior speaking, not the eye.
 SHAPES: tuple[str, ...] = (
-    "circle", "square", "triangle", "diamond", "cross", "ring", "bar", "frame",
+    "circle", "cross", "square", "ring", "triangle", "bar", "diamond", "frame",
 )  # fmt: skip
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "white")
 # Text-prior partners: in the text corpus each shape nearly always appears with its partner.
 PARTNERS: dict[str, str] = {
-    "circle": "square",
-    "square": "circle",
-    "triangle": "diamond",
-    "diamond": "triangle",
-    "cross": "ring",
-    "ring": "cross",
-    "bar": "frame",
-    "frame": "bar",
+    "circle": "cross",
+    "cross": "circle",
+    "square": "ring",
+    "ring": "square",
+    "triangle": "bar",
+    "bar": "triangle",
+    "diamond": "frame",
+    "frame": "diamond",
 }
 # The colour a shape usually has in text (a weaker, attribute-level prior).
 TYPICAL_COLOUR: dict[str, str] = {
     "circle": "red",
-    "square": "blue",
-    "triangle": "green",
-    "diamond": "yellow",
     "cross": "purple",
+    "square": "blue",
     "ring": "white",
+    "triangle": "green",
     "bar": "red",
+    "diamond": "yellow",
     "frame": "green",
 }
 RGB: dict[str, tuple[float, float, float]] = {
@@ -103,6 +110,13 @@ class WorldConfig:
     solid_alpha: tuple[float, float] = (0.8, 1.0)
     # Fixed per-image pixel noise (std on the 0..1 scale), part of the image, not augmentation.
     pixel_noise: float = 0.12
+    # Clutter: with this probability an empty cell of the image holds a faint, shapeless speckle
+    # that no caption mentions. It is where a model that cannot tell falls back on its prior.
+    clutter_prob: float = 0.0
+    # Out-of-focus objects: present and mentioned, but blurred until their shape is hard to tell.
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (1.2, 2.0)
+    clutter_alpha: tuple[float, float] = (0.3, 0.6)
     prior_strength: float = 0.99  # P(partner in text | shape in text)
     colour_prior: float = 0.6  # P(typical colour in text)
     shapes: tuple[str, ...] = SHAPES
@@ -126,9 +140,8 @@ def _place(rng: np.random.Generator, shapes: list[str], colours: list[str], cfg:
         faint = rng.random() < cfg.faint_prob
         low, high = cfg.faint_alpha if faint else cfg.solid_alpha
         alpha = round(float(rng.uniform(low, high)), 3)
-        objects.append(
-            ShapeObject(shape, colour, int(cell) // cfg.grid, int(cell) % cfg.grid, alpha)
-        )
+        row, col = int(cell) // cfg.grid, int(cell) % cfg.grid
+        objects.append(ShapeObject(shape, colour, row, col, alpha))
     return _ordered(objects, cfg.shapes)
 
 
@@ -158,9 +171,43 @@ def sample_text_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
         else cfg.colours[int(rng.integers(len(cfg.colours)))]
         for s in shapes
     ]
-    # Text has no pixels: positions and opacity are placeholders.
-    objects = [ShapeObject(s, c) for s, c in zip(shapes, colours, strict=True)]
+    # Positions matter only for the grid descriptions some corpus texts carry; no opacity in text.
+    cells = rng.choice(cfg.grid * cfg.grid, size=len(shapes), replace=False)
+    objects = [
+        ShapeObject(s, c, int(cell) // cfg.grid, int(cell) % cfg.grid)
+        for s, c, cell in zip(shapes, colours, cells, strict=True)
+    ]
     return Scene(_ordered(objects, cfg.shapes), cfg.grid, 0)
+
+
+EMPTY_CELL = "[empty]"
+UNKNOWN_CELL = "[?]"
+
+
+def cell_word(colour: str, shape: str) -> str:
+    """The single-token word a grid description uses for one object, e.g. '[red circle]'."""
+    return f"[{colour} {shape}]"
+
+
+def grid_vocabulary(cfg: WorldConfig) -> list[str]:
+    """Every word of grid descriptions: one per colour x shape, plus empty and unknown cells."""
+    return [EMPTY_CELL, UNKNOWN_CELL] + [cell_word(c, s) for s in cfg.shapes for c in cfg.colours]
+
+
+def grid_description(scene: Scene, rng: np.random.Generator, unknown_prob: float) -> str:
+    """The scene cell by cell in row-major order, each object shown as unknown with a probability.
+
+    This is how the text corpus gives the LM the skill of reading a scene from its context (the
+    16 words line up with the 16 image tokens the projector will emit), and of filling in what
+    the context leaves unknown from what it knows about the world: its prior.
+    """
+    words = [EMPTY_CELL] * (scene.grid * scene.grid)
+    for obj in scene.objects:
+        unknown = rng.random() < unknown_prob
+        words[obj.row * scene.grid + obj.col] = (
+            UNKNOWN_CELL if unknown else cell_word(obj.colour, obj.shape)
+        )
+    return "".join(words)
 
 
 def typical_colour(shape: str, cfg: WorldConfig) -> str:
