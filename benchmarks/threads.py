@@ -25,7 +25,7 @@ STEPS = 30
 def main() -> None:
     cfg = DemoConfig(corpus_size=2000, tower_scenes=10, align_scenes=256, eval_scenes=10)
     world = build_world(cfg)
-    model, processor = build_tiny_llava(tokenizer_texts(world), cfg.model)
+    model, processor = build_tiny_llava(tokenizer_texts(world, cfg.world), cfg.model)
     pixels = pixel_tensor(processor, world.align_scenes, cfg.world)
     examples = image_examples(processor, world.align_scenes, cfg, 0)
     timings: dict[int, list[float]] = {1: [], 2: []}

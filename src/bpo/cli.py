@@ -14,6 +14,7 @@ from pathlib import Path
 
 from jsonargparse import auto_cli
 
+from bpo.evaluate.runner import EvalConfig
 from bpo.shapeworld.demo import DemoConfig
 from bpo.shapeworld.world import WorldConfig
 
@@ -68,11 +69,49 @@ def shapeworld(
     print(json.dumps({"data": str(path), "scenes": scenes}))
 
 
+def evaluate(run: EvalConfig, out: Path = Path("runs/eval")) -> None:
+    """Answer and score the benchmarks of a config: CHAIR, POPE, MM-Vet, LLaVA-Bench, ShapeWorld.
+
+    Writes per-benchmark answers and judgments (JSONL), results.json and results.md under OUT.
+    Rerunning into the same OUT reuses the answers and the judge's replies already there.
+
+    Args:
+        run: the model (or answer files), benchmarks, generation settings and judge; usually
+            `bpo eval --config configs/eval/FILE.yaml`.
+        out: output folder.
+    """
+    from bpo.evaluate.runner import run_eval
+    from bpo.utils.console import console
+
+    results = run_eval(run, Path(out), log=console.log)
+    print((Path(out) / "results.md").read_text(), end="")
+    console.print(f"wrote {Path(out) / 'results.json'} in {results['seconds']:.0f}s")
+
+
+def compare(runs: list[Path]) -> None:
+    """Print the results of several `bpo eval` runs side by side (a markdown table).
+
+    Args:
+        runs: output folders of `bpo eval` (or their results.json files).
+    """
+    from bpo.evaluate.runner import compare_runs
+
+    print(compare_runs(runs), end="")
+
+
+def _compare_args(args: list[str]) -> list[str]:
+    """`compare RUN RUN...` as jsonargparse reads a list positional: one JSON list."""
+    rest = args[1:]
+    if args[:1] != ["compare"] or not rest or any(a.startswith(("-", "[")) for a in rest):
+        return args
+    return ["compare", json.dumps(rest)]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `bpo` console script."""
     auto_cli(
-        {"demo": demo, "shapeworld": shapeworld},
-        args=argv if argv is not None else sys.argv[1:],
+        {"demo": demo, "shapeworld": shapeworld, "eval": evaluate, "compare": compare},
+        args=_compare_args(list(argv if argv is not None else sys.argv[1:])),
         description="bpo: Bootstrapped Preference Optimization for multimodal LLMs.",
     )
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ class DemoConfig:
     lm: StageConfig = field(default_factory=lambda: StageConfig(800, 64, 3e-3))
     tower: StageConfig = field(default_factory=lambda: StageConfig(400, 64, 2e-3))
     projector: StageConfig = field(default_factory=lambda: StageConfig(500, 32, 3e-3))
-    full: StageConfig = field(default_factory=lambda: StageConfig(40, 32, 5e-4))
+    full: StageConfig = field(default_factory=lambda: StageConfig(20, 32, 5e-4))
     # Share of corpus texts whose prompt carries the scene as a grid description (some cells
     # unknown): they teach the LM to read a scene from context and fill gaps from its prior.
     grid_fraction: float = 0.6
@@ -103,7 +104,7 @@ def _digest(*parts) -> str:
 
 @dataclass
 class World:
-    """The sampled world: scenes, their rendered pixels, and the text corpus."""
+    """The sampled world: tower, alignment and held-out scenes, and the text corpus's scenes."""
 
     tower_scenes: list
     align_scenes: list
@@ -134,13 +135,13 @@ def pixel_tensor(processor, scenes, wcfg: WorldConfig) -> torch.Tensor:
     return processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
 
-def tokenizer_texts(world: World) -> list[str]:
+def tokenizer_texts(world: World, wcfg: WorldConfig) -> list[str]:
     """Everything the tokenizer should cover: captions, questions, answers, prompt words."""
     rng = np.random.default_rng(0)
     texts = list(world.corpus[:5000])
     for scene in world.align_scenes[:2000]:
         texts.append(caption(scene))
-        texts.extend(q + " " + a for q, a in questions(scene, rng, WorldConfig()))
+        texts.extend(q + " " + a for q, a in questions(scene, rng, wcfg))
     texts.extend(f"USER: {p} ASSISTANT:" for p in CAPTION_PROMPTS)
     return texts
 
@@ -194,7 +195,10 @@ def pretrained_model(cfg: DemoConfig, world: World, cache_dir: Path, log):
             str(folder), dtype="float32", device="cpu", attn_implementation="eager"
         )
     model, processor = build_tiny_llava(
-        tokenizer_texts(world), cfg.model, seed=cfg.seed, extra_tokens=grid_vocabulary(cfg.world)
+        tokenizer_texts(world, cfg.world),
+        cfg.model,
+        seed=cfg.seed,
+        extra_tokens=grid_vocabulary(cfg.world),
     )
     texts = text_examples(processor, world.corpus_scenes, cfg, cfg.seed)
     t0 = time.time()
@@ -215,7 +219,11 @@ def pretrained_model(cfg: DemoConfig, world: World, cache_dir: Path, log):
         )  # fmt: skip
     log(f"tower pretraining: {cfg.tower.steps} steps, cell accuracy {accuracy:.3f} "
         f"({time.time() - t0:.0f}s)")  # fmt: skip
-    save_tiny_llava(model, processor, folder, cfg.model)
+    # Written aside, then renamed: a run killed mid-save never leaves a half cache behind.
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_tiny_llava(model, processor, partial, cfg.model)
+    partial.replace(folder)
     return model, processor
 
 

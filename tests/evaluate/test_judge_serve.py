@@ -1,0 +1,130 @@
+"""One judgment end to end through a real OpenAI-compatible server: `transformers serve`.
+
+The server serves a tiny Llama saved to a temporary folder (no hub, no network). Its weights are
+set so that greedy decoding always picks the token "0.8": the embedding puts a constant in one
+dimension, the attention and MLP outputs are zero, the final norm keeps only that dimension and
+the LM head maps it to "0.8" alone. So the prompt goes through the server's chat template,
+generation and OpenAI response format, and our client parses a real grade out of it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bpo.evaluate.judge import JudgeClient, JudgeConfig, mmvet_messages, parse_mmvet_grade
+from bpo.models.tiny import train_bpe_tokenizer
+
+pytest.importorskip("fastapi", reason="needs transformers[serving] (in bpo's dev extra)")
+pytest.importorskip("uvicorn", reason="needs transformers[serving] (in bpo's dev extra)")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def save_grading_lm(folder: Path) -> None:
+    """A tiny LlamaForCausalLM + tokenizer (with a chat template) whose greedy reply is "0.8"."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_bpe_tokenizer(["Grade the answer to the question ."] * 8, vocab_size=300)
+    tokenizer.add_tokens(["0.8"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    grade = tokenizer.convert_tokens_to_ids("0.8")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 1.0  # every token: the same constant direction
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()  # residual stream stays that constant
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[grade, 0] = 50.0  # logit 50 for "0.8", 0 for every other token
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served_judge(tmp_path):
+    """`transformers serve FOLDER` on 127.0.0.1, offline; killed at teardown."""
+    folder = tmp_path / "grading-lm"
+    save_grading_lm(folder)
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cli = Path(sys.executable).parent / "transformers"
+    command = [
+        str(cli),
+        "serve",
+        str(folder),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 50
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(
+                        f"transformers serve did not start:\n{(tmp_path / 'serve.log').read_text()[-2000:]}"
+                    )
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/v1", str(folder)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_a_grade_from_transformers_serve(served_judge, tmp_path):
+    base_url, model = served_judge
+    config = JudgeConfig(
+        base_url=base_url, model=model, api_key_env=None, max_tokens=1, timeout_s=30
+    )
+    messages = mmvet_messages("What fruit is it?", "apple", "an apple")
+    with JudgeClient(config, cache_dir=tmp_path / "cache") as client:
+        judgment = client.judge(messages, parse_mmvet_grade)
+    assert (judgment.value, judgment.raw, judgment.attempts) == (0.8, "0.8", 1)
+    with JudgeClient(config, cache_dir=tmp_path / "cache") as client:
+        assert client.judge(messages, parse_mmvet_grade).cached
