@@ -32,6 +32,14 @@ import torch
 import transformers
 
 import bpo
+from bpo.evaluate.pope import (
+    STRATEGIES,
+    build_pope_questions,
+    co_occurrence,
+    object_frequency,
+    parse_yes_no,
+    pope_metrics,
+)
 from bpo.models.load import load_model_and_processor
 from bpo.models.tiny import TinyLlavaConfig, build_tiny_llava, save_tiny_llava
 from bpo.shapeworld import train
@@ -83,6 +91,7 @@ class DemoConfig:
     unknown_prob: float = 0.3
     replay_weight: float = 1.0  # text-corpus replay during the full stage
     max_new_tokens: int = 40
+    pope_per_image: int = 2  # POPE: yes-questions per image (and as many no-questions)
     eval_batch_size: int = 100
     threads: int = 1  # torch threads; see `choose_threads`
 
@@ -245,39 +254,76 @@ def align_model(model, processor, cfg: DemoConfig, world: World, log):
     return model
 
 
-@torch.no_grad()
-def describe(model, processor, pixels: torch.Tensor, cfg: DemoConfig, prompt: str) -> list[str]:
+def describe(
+    model, processor, pixels: torch.Tensor, cfg: DemoConfig, prompt: str, max_new_tokens=None
+) -> list[str]:
     """Greedy answers to one prompt for every image (batched; same prompt, so no padding)."""
     ids = train.PromptCache(processor)(prompt, True)
     answers = []
     starts = range(0, len(pixels), cfg.eval_batch_size)
-    with progress_bar("greedy captions", len(starts)) as advance:
-        for start in starts:
-            answers.extend(_describe_batch(model, processor, pixels, ids, start, cfg))
-            advance(start)
+    for start in starts:
+        batch = pixels[start : start + cfg.eval_batch_size]
+        answers.extend(
+            _generate(model, processor, batch, ids, max_new_tokens or cfg.max_new_tokens)
+        )
     return [a.strip() for a in answers]
 
 
 @torch.no_grad()
-def _describe_batch(model, processor, pixels, ids: list[int], start: int, cfg: DemoConfig):
-    """Greedy answers for one batch of images that share the prompt `ids`."""
-    batch = pixels[start : start + cfg.eval_batch_size]
-    input_ids = torch.tensor([ids] * len(batch))
+def _generate(model, processor, pixels, ids: list[int], max_new_tokens: int) -> list[str]:
+    """Greedy answers for a batch of images that share the prompt `ids`."""
+    input_ids = torch.tensor([ids] * len(pixels))
     out = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        pixel_values=batch,
-        max_new_tokens=cfg.max_new_tokens,
+        pixel_values=pixels,
+        max_new_tokens=max_new_tokens,
         do_sample=False,
     )
     return processor.tokenizer.batch_decode(out[:, len(ids) :], skip_special_tokens=True)
 
 
+def pope_scores(model, processor, cfg: DemoConfig, world: World, pixels: torch.Tensor) -> dict:
+    """POPE accuracy, F1 and yes ratio per strategy on the held-out scenes.
+
+    Popular and adversarial negatives are ranked by the text corpus (its shape frequencies and
+    co-occurrences): the statistics the LM learned, as COCO's annotations are for LLaVA.
+    """
+    corpus_sets = [scene.shapes for scene in world.corpus_scenes]
+    ids = [str(i) for i in range(len(world.eval_scenes))]
+    truths = [scene.shapes for scene in world.eval_scenes]
+    scores = {}
+    for strategy in STRATEGIES:
+        questions = build_pope_questions(
+            ids, truths, strategy, cfg.pope_per_image, cfg.seed,
+            categories=cfg.world.shapes, frequency=object_frequency(corpus_sets),
+            pairs=co_occurrence(corpus_sets),
+        )  # fmt: skip
+        predictions = {}
+        for text in sorted({q.text for q in questions}):  # one batch run per question wording
+            asked = [q for q in questions if q.text == text]
+            rows = torch.tensor([int(q.image) for q in asked])
+            answers = describe(model, processor, pixels[rows], cfg, text, max_new_tokens=6)
+            predictions.update(
+                (q.question_id, parse_yes_no(a)) for q, a in zip(asked, answers, strict=True)
+            )
+        metrics = pope_metrics([predictions[q.question_id] for q in questions],
+                               [q.label for q in questions])  # fmt: skip
+        for name in ("accuracy", "f1", "yes_ratio"):
+            scores[f"pope_{strategy}_{name}"] = metrics[name]
+    return scores
+
+
 def evaluate_base(model, processor, cfg: DemoConfig, world: World) -> tuple[dict, list[str]]:
-    """Captions of the held-out scenes and their hallucination metrics."""
+    """Captions of the held-out scenes with their hallucination metrics, and POPE."""
     pixels = pixel_tensor(processor, world.eval_scenes, cfg.world)
-    answers = describe(model, processor, pixels, cfg, CAPTION_PROMPTS[0])
-    return hallucination_metrics(answers, world.eval_scenes), answers
+    with progress_bar("evaluation (captions, POPE)", 2) as advance:
+        answers = describe(model, processor, pixels, cfg, CAPTION_PROMPTS[0])
+        advance(0)
+        metrics = hallucination_metrics(answers, world.eval_scenes)
+        metrics.update(pope_scores(model, processor, cfg, world, pixels))
+        advance(1)
+    return metrics, answers
 
 
 def versions() -> dict:

@@ -21,10 +21,12 @@ what it cannot read from its prior, as a real LLM does.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
+
+from bpo.evaluate.chair import ObjectVocabulary, extract_objects
 
 # Partners sit next to each other in this (caption) order, and each pair joins two shapes that
 # look unalike, so a partner named in place of a real shape is the prior speaking, not the eye.
@@ -299,12 +301,12 @@ def cell_labels(scene: Scene, cfg: WorldConfig) -> tuple[np.ndarray, np.ndarray]
     return shape, colour
 
 
+@lru_cache(maxsize=8)
+def shape_vocabulary(shapes: tuple[str, ...] = SHAPES) -> ObjectVocabulary:
+    """CHAIR's word tables for ShapeWorld: each shape is its own category, plurals included."""
+    return ObjectVocabulary({shape: shape for shape in shapes}, {})
+
+
 def mentioned_shapes(text: str, shapes: tuple[str, ...] = SHAPES) -> list[str]:
-    """Every shape word in `text`, in order, repeats kept (plurals 'circles', 'crosses' accepted)."""
-    found = []
-    for word in re.findall(r"[a-z]+", text.lower()):
-        for candidate in (word, word[:-1], word[:-2]):
-            if candidate in shapes and (candidate == word or word.endswith("s")):
-                found.append(candidate)
-                break
-    return found
+    """Every shape mentioned in `text`, in order, repeats kept: CHAIR's extraction, our words."""
+    return extract_objects(text, shape_vocabulary(tuple(shapes)))

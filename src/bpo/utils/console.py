@@ -17,7 +17,10 @@ from rich.table import Table
 
 console = Console(stderr=True)
 
-TABLE_METRICS = ("chair_i", "chair_s", "recall", "partner_share", "partner_chance")
+TABLE_METRICS = (
+    "chair_i", "chair_s", "recall", "partner_share", "partner_chance",
+    "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1",
+)  # fmt: skip
 
 
 def metrics_table(arms: dict[str, dict], metrics=TABLE_METRICS) -> Table:
