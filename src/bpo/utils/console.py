@@ -19,19 +19,19 @@ console = Console(stderr=True)
 
 TABLE_METRICS = (
     "chair_i", "chair_s", "recall", "partner_share", "partner_chance",
-    "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1",
+    "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1", "pope_adversarial_yes_ratio",
 )  # fmt: skip
 
 
 def metrics_table(arms: dict[str, dict], metrics=TABLE_METRICS) -> Table:
-    """A table with one row per arm and one column per metric (missing values shown as '-')."""
-    table = Table(title="Object hallucination on held-out scenes")
-    table.add_column("arm")
+    """A table with one row per metric and one column per arm (missing values shown as '-')."""
+    table = Table(title="Hallucination on held-out scenes")
+    table.add_column("metric")
+    for arm in arms:
+        table.add_column(arm, justify="right")
     for name in metrics:
-        table.add_column(name, justify="right")
-    for arm, values in arms.items():
-        cells = [f"{values[m]:.4f}" if m in values else "-" for m in metrics]
-        table.add_row(arm, *cells)
+        cells = [f"{values[name]:.4f}" if name in values else "-" for values in arms.values()]
+        table.add_row(name, *cells)
     return table
 
 
