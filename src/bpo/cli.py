@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 from jsonargparse import auto_cli
 
@@ -99,6 +100,38 @@ def compare(runs: list[Path]) -> None:
     print(compare_runs(runs), end="")
 
 
+def export(
+    pairs: Path, out: Path, image_root: Path | None = None, format: Literal["trl"] = "trl"
+) -> None:
+    """Write a pair store in another trainer's format (TRL: prompt/chosen/rejected/images).
+
+    Args:
+        pairs: the pair store (a `bpo bootstrap` output folder).
+        out: where to save the dataset (`datasets.load_from_disk(out)` reads it).
+        image_root: the folder the pairs' image paths are relative to.
+        format: the target format.
+    """
+    from bpo.data.export import export_trl
+
+    rows = export_trl(pairs, out, image_root)
+    print(json.dumps({"format": format, "rows": rows, "out": str(out)}))
+
+
+def view(pairs: Path, out: Path | None = None, image_root: Path | None = None, limit: int = 500):
+    """Write a static HTML page showing pairs side by side (image, prompt, chosen, rejected).
+
+    Args:
+        pairs: the pair store.
+        out: the HTML file (default PAIRS/pairs.html).
+        image_root: the folder the pairs' image paths are relative to (images are embedded).
+        limit: how many pairs to show.
+    """
+    from bpo.report.viewer import write_pair_viewer
+
+    path = write_pair_viewer(pairs, out or Path(pairs) / "pairs.html", image_root, limit)
+    print(json.dumps({"html": str(path)}))
+
+
 def _compare_args(args: list[str]) -> list[str]:
     """`compare RUN RUN...` as jsonargparse reads a list positional: one JSON list."""
     rest = args[1:]
@@ -110,7 +143,14 @@ def _compare_args(args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `bpo` console script."""
     auto_cli(
-        {"demo": demo, "shapeworld": shapeworld, "eval": evaluate, "compare": compare},
+        {
+            "demo": demo,
+            "shapeworld": shapeworld,
+            "eval": evaluate,
+            "compare": compare,
+            "export": export,
+            "view": view,
+        },
         args=_compare_args(list(argv if argv is not None else sys.argv[1:])),
         description="bpo: Bootstrapped Preference Optimization for multimodal LLMs.",
     )
