@@ -1,4 +1,4 @@
-"""Bootstrapping negatives; for now the generation backend every generating stage shares."""
+"""Bootstrapping negatives: generation backend, noise, weakened and error-injected answers."""
 
 from bpo.bootstrap.generate import (
     GenerateConfig,
@@ -6,5 +6,35 @@ from bpo.bootstrap.generate import (
     generate_answers,
     generate_with_config,
 )
+from bpo.bootstrap.inject import (
+    EndpointRewriter,
+    Injection,
+    InjectionStats,
+    InjectionVocabulary,
+    LocalRewriter,
+    causal_lm_from_mllm,
+    inject_errors,
+    validate_rewrite,
+)
+from bpo.bootstrap.noise import add_noise, alphas_cumprod
+from bpo.bootstrap.weaken import WeakenConfig, WeakenedAnswer, weakened_answers
 
-__all__ = ["GenerateConfig", "GenerationRequest", "generate_answers", "generate_with_config"]
+__all__ = [
+    "EndpointRewriter",
+    "GenerateConfig",
+    "GenerationRequest",
+    "Injection",
+    "InjectionStats",
+    "InjectionVocabulary",
+    "LocalRewriter",
+    "WeakenConfig",
+    "WeakenedAnswer",
+    "add_noise",
+    "alphas_cumprod",
+    "causal_lm_from_mllm",
+    "generate_answers",
+    "generate_with_config",
+    "inject_errors",
+    "validate_rewrite",
+    "weakened_answers",
+]
