@@ -28,11 +28,12 @@ def demo(out: Path = Path("runs/demo"), run: DemoConfig = DemoConfig()) -> None:
         run: the run's configuration (seeds, world, model sizes, training stages).
     """
     from bpo.shapeworld.demo import run_demo
-    from bpo.utils.console import console, print_metrics_table
+    from bpo.utils.console import console, print_metrics_table, print_negatives_table
 
     started = time.time()
     results = run_demo(run, Path(out), log=console.log)
     print_metrics_table(results["arms"])
+    print_negatives_table(results["negatives"])
     checks = results["checks"]["base"]
     verdict = (
         "reproduced"

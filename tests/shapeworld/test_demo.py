@@ -18,6 +18,7 @@ from bpo.shapeworld.demo import (
     run_demo,
 )
 from bpo.shapeworld.metrics import hallucination_metrics
+from bpo.shapeworld.negatives import NegativesConfig
 from bpo.shapeworld.world import CAPTION_PROMPTS, caption
 
 
@@ -34,6 +35,9 @@ def mini_config() -> DemoConfig:
         full=StageConfig(4, 16, 2e-3),
         max_new_tokens=12,
         eval_batch_size=16,
+        negatives=NegativesConfig(
+            scenes=10, noise_steps=(500, 900), max_new_tokens=8, batch_size=4
+        ),
     )
 
 
@@ -128,3 +132,26 @@ def test_pope_scores_are_those_of_the_answers_given(demo_run):
     assert base["pope_adversarial_accuracy"] == pytest.approx(expected["accuracy"])
     assert base["pope_adversarial_f1"] == pytest.approx(expected["f1"])
     assert base["pope_adversarial_yes_ratio"] == pytest.approx(expected["yes_ratio"])
+
+
+@pytest.mark.slow
+def test_bootstrapped_pairs_and_their_statistics(demo_run):
+    """OUT/pairs holds gold-chosen pairs per method, and the statistics are those of its negatives."""
+    from bpo.data import read_pairs
+    from bpo.shapeworld.negatives import negative_stats
+
+    out, results, _ = demo_run
+    scenes = build_world(mini_config()).align_scenes[:10]
+    pairs = list(read_pairs(out / "pairs"))
+    for t in (500, 900):
+        weak = [p for p in pairs if p.source == "weaken" and p.meta["noise_step"] == t]
+        assert [p.chosen for p in weak] == [caption(s) for s in scenes]
+        stats = negative_stats([p.rejected for p in weak], scenes)
+        assert results["negatives"][f"weaken_t{t}"] == pytest.approx(stats)
+    injected = [p for p in pairs if p.source == "inject"]
+    by_id = {f"sw{i:06d}": s for i, s in enumerate(scenes)}
+    inject_stats = results["negatives"]["inject"]
+    assert inject_stats["accepted"] == len(injected)
+    assert inject_stats["accepted"] + sum(inject_stats["rejected"].values()) == 10
+    assert all(p.chosen == caption(by_id[p.id]) != p.rejected for p in injected)
+    assert (out / "images" / "sw000000.png").exists()

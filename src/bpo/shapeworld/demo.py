@@ -20,6 +20,7 @@ falls to chance: that control is the evidence.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import platform
 import shutil
@@ -44,6 +45,7 @@ from bpo.models.load import load_model_and_processor
 from bpo.models.tiny import TinyLlavaConfig, build_tiny_llava, save_tiny_llava
 from bpo.shapeworld import train
 from bpo.shapeworld.metrics import hallucination_metrics
+from bpo.shapeworld.negatives import NegativesConfig, bootstrap_pairs
 from bpo.shapeworld.world import (
     CAPTION_PROMPTS,
     Scene,
@@ -92,6 +94,7 @@ class DemoConfig:
     replay_weight: float = 1.0  # text-corpus replay during the full stage
     max_new_tokens: int = 40
     pope_per_image: int = 2  # POPE: yes-questions per image (and as many no-questions)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
     eval_batch_size: int = 100
     threads: int = 1  # torch threads; see `choose_threads`
 
@@ -109,6 +112,16 @@ def choose_threads(requested: int) -> int:
 def _digest(*parts) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _code_digest() -> str:
+    """A hash of the code that makes the pretrained cache, so changed code never reuses it."""
+    from bpo.models import tiny
+    from bpo.shapeworld import world
+
+    sources = [Path(module.__file__).read_bytes() for module in (tiny, train, world)]
+    sources.append(inspect.getsource(text_examples).encode())
+    return hashlib.sha256(b"".join(sources)).hexdigest()[:12]
 
 
 @dataclass
@@ -192,7 +205,7 @@ def image_examples(processor, scenes, cfg: DemoConfig, seed: int) -> list[train.
 def pretrained_model(cfg: DemoConfig, world: World, cache_dir: Path, log):
     """The tiny LLaVA with its LM and tower pretrained, loaded from the cache when possible."""
     key = _digest(
-        "pretrained", bpo.__version__, cfg.seed, asdict(cfg.world), asdict(cfg.model),
+        "pretrained", bpo.__version__, _code_digest(), cfg.seed, asdict(cfg.world), asdict(cfg.model),
         cfg.corpus_size, cfg.tower_scenes, asdict(cfg.lm), asdict(cfg.tower),
         cfg.grid_fraction, cfg.unknown_prob,
     )  # fmt: skip
@@ -369,9 +382,17 @@ def run_demo(cfg: DemoConfig, out: Path, log=print) -> dict:
             for i, (a, s) in enumerate(zip(answers, world.eval_scenes, strict=True))
         )
     )
+    with progress_bar("bootstrapping negatives", 1) as advance:
+        negatives = bootstrap_pairs(
+            model, processor, world.align_scenes, cfg.world, cfg.negatives, cfg.seed,
+            out / "pairs", image_root=out,
+        )  # fmt: skip
+        advance(0)
+    log(f"pairs: {out / 'pairs'} (view: bpo view {out / 'pairs'} --image_root {out})")
     results = {
         "arms": {"base": metrics},
         "checks": {"base": check_base(metrics)},
+        "negatives": negatives,
         "config": asdict(cfg),
         "versions": versions(),
         "wall_s": round(time.time() - started, 1),

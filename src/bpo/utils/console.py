@@ -61,3 +61,16 @@ def progress_bar(description: str, total: int, enabled: bool = True):
             progress.update(task, advance=1, loss=shown)
 
         yield advance
+
+
+def print_negatives_table(negatives: dict[str, dict]) -> None:
+    """How many bootstrapped negatives hold a hallucinated object, per method (and noise step)."""
+    table = Table(title="Bootstrapped negatives (rejected answers) against the exact scenes")
+    for column in ("method", "negatives", "with_hallucination", "chair_i", "partner_share",
+                   "partner_chance"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for method, stats in negatives.items():
+        cells = [f"{stats[k]:.4f}" for k in ("with_hallucination", "chair_i", "partner_share",
+                                              "partner_chance")]  # fmt: skip
+        table.add_row(method, str(stats["negatives"]), *cells)
+    Console().print(table)
