@@ -30,7 +30,8 @@ class NegativesConfig:
     """How the demo bootstraps pairs from its alignment set."""
 
     scenes: int = 500  # alignment scenes whose gold captions are the positives
-    noise_steps: tuple[int, ...] = (900,)  # weaken at each (the paper's t = 900; sigmoid schedule)
+    # weaken at each step (sigmoid schedule; the paper uses t = 900): stats per step, pairs for all
+    noise_steps: tuple[int, ...] = (100, 500, 900)
     temperature: float = 1.0
     max_new_tokens: int = 40
     batch_size: int = 64
