@@ -15,6 +15,7 @@ from typing import Literal
 
 from jsonargparse import auto_cli
 
+from bpo.bootstrap.run import BootstrapConfig
 from bpo.evaluate.runner import EvalConfig
 from bpo.shapeworld.demo import DemoConfig
 from bpo.shapeworld.world import WorldConfig
@@ -133,12 +134,71 @@ def view(pairs: Path, out: Path | None = None, image_root: Path | None = None, l
     print(json.dumps({"html": str(path)}))
 
 
+def bootstrap(
+    run: BootstrapConfig,
+    out: Path | None = None,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Make preference pairs (image-weakened and error-injected negatives) into a pair store.
+
+    Rerunning the same command resumes where a crash or kill stopped. Run shard i of N on each
+    machine with --num_shards N --shard_index i, then `bpo merge OUT SHARD_DIR...`.
+
+    Args:
+        run: model, data, methods and their parameters; usually `--config configs/bootstrap/X.yaml`.
+        out: output folder (overrides run.out).
+        num_shards: split the data into this many disjoint shards (overrides run.num_shards).
+        shard_index: which shard this run makes, 0-based (overrides run.shard_index).
+        overwrite: replace an existing store in the output folder instead of resuming it.
+    """
+    from dataclasses import replace
+
+    from bpo.bootstrap.run import run_bootstrap
+    from bpo.utils.console import console
+
+    overrides = {"out": out and str(out), "num_shards": num_shards, "shard_index": shard_index}
+    run = replace(run, **{k: v for k, v in overrides.items() if v is not None})
+    started = time.time()
+    manifest = run_bootstrap(run, overwrite=overwrite, log=console.log)
+    print(json.dumps({"out": run.out, "counts": manifest["counts"]}))
+    console.print(f"wrote {run.out} in {time.time() - started:.0f}s")
+
+
+def merge(out: Path, shards: list[Path], overwrite: bool = False) -> None:
+    """Merge the stores of a sharded `bpo bootstrap` run into one (configs must match).
+
+    Args:
+        out: the merged store's folder.
+        shards: the shard stores' folders.
+        overwrite: replace an existing store in OUT.
+    """
+    from bpo.bootstrap.run import merge_bootstrap_stores
+
+    manifest = merge_bootstrap_stores(shards, out, overwrite=overwrite)
+    print(json.dumps({"out": str(out), "counts": manifest["counts"]}))
+
+
 def _compare_args(args: list[str]) -> list[str]:
-    """`compare RUN RUN...` as jsonargparse reads a list positional: one JSON list."""
-    rest = args[1:]
-    if args[:1] != ["compare"] or not rest or any(a.startswith(("-", "[")) for a in rest):
-        return args
-    return ["compare", json.dumps(rest)]
+    """`compare RUN RUN...` and `merge OUT SHARD...` as jsonargparse reads a list positional."""
+    verb, rest = args[:1], args[1:]
+    if verb == ["compare"] and rest and not any(a.startswith(("-", "[")) for a in rest):
+        return ["compare", json.dumps(rest)]
+    if verb == ["merge"]:
+        positional, flags, i = [], [], 0
+        while i < len(rest):
+            if rest[i].startswith("-"):
+                # A flag's value ("--overwrite true") stays with the flag.
+                takes_value = "=" not in rest[i] and rest[i + 1 : i + 2] in (["true"], ["false"])
+                flags += rest[i : i + 1 + takes_value]
+                i += 1 + takes_value
+            else:
+                positional.append(rest[i])
+                i += 1
+        if len(positional) >= 2 and not positional[1].startswith("["):
+            return ["merge", *flags, positional[0], json.dumps(positional[1:])]
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
             "shapeworld": shapeworld,
             "eval": evaluate,
             "compare": compare,
+            "bootstrap": bootstrap,
+            "merge": merge,
             "export": export,
             "view": view,
         },

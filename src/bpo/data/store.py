@@ -297,6 +297,9 @@ class PairWriter:
         manifest = self._existing_manifest()
         self.created = manifest["created"] if manifest else _now()
         self.other_counts: Counter[str] = Counter(manifest["counts"]["other"] if manifest else {})
+        # Summaries a stage computes from the shards (e.g. length distributions); shown under
+        # "stats" in the manifest. Not restored on resume: recompute them from the shards.
+        self.stats: dict[str, Any] = {}
         self.done_keys: set[str] = set()
         self.source_counts: Counter[str] = Counter()
         self.shard_lines: list[int] = []
@@ -451,6 +454,7 @@ class PairWriter:
             },
             "shards": [{"file": shard_name(i), "pairs": n} for i, n in enumerate(self.shard_lines)],
             "versions": _versions(),
+            **({"stats": self.stats} if self.stats else {}),
         }
 
     def write_manifest(self) -> None:
