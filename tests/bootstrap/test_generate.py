@@ -3,39 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from PIL import Image
+from bootstrap_helpers import mixed_requests
 
 from bpo.bootstrap import GenerateConfig, GenerationRequest, generate_answers, generate_with_config
-from bpo.models import load_model_and_processor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_llava_folder):
-    return load_model_and_processor(
-        str(tiny_llava_folder), dtype="float32", device="cpu", attn_implementation="eager"
-    )
-
-
 def requests() -> list[GenerationRequest]:
-    """Five requests of different prompt lengths and images, one without an image."""
-    red = Image.new("RGB", (32, 32), (255, 0, 0))
-    blue = Image.new("RGB", (40, 30), (0, 0, 255))
-    split = Image.new("RGB", (32, 32), (0, 255, 0))
-    split.paste((255, 255, 0), (0, 0, 16, 32))
-    long_turns = [
-        {"role": "user", "content": "<image>\nDescribe the image."},
-        {"role": "assistant", "content": "a red circle and a blue square ."},
-        {"role": "user", "content": "Is there a square in the image?"},
-    ]
-    return [
-        GenerationRequest([{"role": "user", "content": "Describe the image."}], red),
-        GenerationRequest(long_turns, blue),
-        GenerationRequest([{"role": "user", "content": "Is there a circle in the image?"}], split),
-        GenerationRequest([{"role": "user", "content": "What is in the image?"}], None),
-        GenerationRequest([{"role": "user", "content": "yes"}], blue),
-    ]
+    return mixed_requests()
 
 
 def test_batched_answers_equal_one_by_one_answers_in_input_order(loaded):

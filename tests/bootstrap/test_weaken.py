@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from PIL import Image
+from bootstrap_helpers import mixed_requests
 
 from bpo.bootstrap import GenerationRequest
 from bpo.bootstrap.weaken import (
@@ -17,34 +17,13 @@ from bpo.bootstrap.weaken import (
     stream_seed,
     weakened_answers,
 )
-from bpo.models import build_prompt, load_model_and_processor
+from bpo.models import build_prompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_llava_folder):
-    return load_model_and_processor(
-        str(tiny_llava_folder), dtype="float32", device="cpu", attn_implementation="eager"
-    )
-
-
 def requests() -> list[GenerationRequest]:
-    """Three requests with prompts of different lengths (so batches pad) and different images."""
-    red = Image.new("RGB", (32, 32), (255, 0, 0))
-    blue = Image.new("RGB", (40, 30), (0, 0, 255))
-    split = Image.new("RGB", (32, 32), (0, 255, 0))
-    split.paste((255, 255, 0), (0, 0, 16, 32))
-    long_turns = [
-        {"role": "user", "content": "<image>\nDescribe the image."},
-        {"role": "assistant", "content": "a red circle and a blue square ."},
-        {"role": "user", "content": "Is there a square in the image?"},
-    ]
-    return [
-        GenerationRequest([{"role": "user", "content": "Describe the image."}], red),
-        GenerationRequest(long_turns, blue),
-        GenerationRequest([{"role": "user", "content": "Is there a circle in the image?"}], split),
-    ]
+    return mixed_requests()[:3]
 
 
 def full_forward_logits(model, processor, request, pixel_values, generated):
