@@ -22,7 +22,7 @@ from bpo.shapeworld.world import WorldConfig
 
 
 def demo(out: Path = Path("runs/demo"), run: DemoConfig = DemoConfig()) -> None:  # noqa: B008
-    """ShapeWorld end to end on a CPU: build the world and base model, measure hallucination.
+    """ShapeWorld end to end on a CPU: world, base model, its hallucination, bootstrapped pairs.
 
     Args:
         out: output folder (results.json, the base model, cached pretrained weights).
