@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from bpo.bootstrap.inject import (
     EDIT_TYPES,
@@ -24,7 +23,12 @@ from bpo.bootstrap.inject import (
     validate_rewrite,
 )
 from bpo.evaluate.judge import JudgeConfig
-from bpo.models.tiny import TinyLlavaConfig, build_tiny_llava, train_bpe_tokenizer
+from bpo.models.tiny import (
+    TinyLlavaConfig,
+    build_tiny_causal_lm,
+    build_tiny_llava,
+    force_greedy_token,
+)
 
 # The local chat-completions server the judge tests use (tests/ is no package: load it by path).
 _spec = importlib.util.spec_from_file_location(
@@ -270,35 +274,11 @@ CHAT_TEMPLATE = (
 
 def forced_lm(word: str):
     """A tiny Llama + tokenizer whose greedy output is `word`, over and over (no EOS)."""
-    tokenizer = train_bpe_tokenizer(["rewrite the description of the image ."] * 8, 300)
-    tokenizer.add_tokens([word])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    forced = tokenizer.convert_tokens_to_ids(word)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    model, tokenizer = build_tiny_causal_lm(
+        ["rewrite the description of the image ."] * 8, CHAT_TEMPLATE, extra_tokens=[word]
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # the residual stream is one constant; the head maps it to `word`
-        model.model.embed_tokens.weight.zero_()
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.norm.weight.zero_()
-        model.model.norm.weight[0] = 1.0
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[forced, 0] = 50.0
-    return model.eval(), tokenizer
+    force_greedy_token(model, tokenizer.convert_tokens_to_ids(word))
+    return model, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -338,20 +318,9 @@ def test_local_rewriter_keeps_the_first_character_and_the_token_limit(zebra_lm):
 
 
 def test_sampled_rewrites_honour_max_new_tokens():
-    tokenizer = train_bpe_tokenizer(["a red dog and a blue cat on a mat ."] * 8, 300)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    model, tokenizer = build_tiny_causal_lm(
+        ["a red dog and a blue cat on a mat ."] * 8, CHAT_TEMPLATE
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
     rewriter = LocalRewriter(model, tokenizer, max_new_tokens=5, temperature=1.0, top_p=1.0)
     prompts = [rewriter.prompt(GOLD), rewriter.prompt("A cat.")] * 2
     new_tokens = rewriter.generate_ids(prompts)

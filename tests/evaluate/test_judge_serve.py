@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from bpo.evaluate.judge import JudgeClient, JudgeConfig, mmvet_messages, parse_mmvet_grade
-from bpo.models.tiny import train_bpe_tokenizer
+from bpo.models.tiny import build_tiny_causal_lm, force_greedy_token
 
 pytest.importorskip("fastapi", reason="needs transformers[serving] (in bpo's dev extra)")
 pytest.importorskip("uvicorn", reason="needs transformers[serving] (in bpo's dev extra)")
@@ -33,35 +32,13 @@ CHAT_TEMPLATE = (
 
 def save_grading_lm(folder: Path) -> None:
     """A tiny LlamaForCausalLM + tokenizer (with a chat template) whose greedy reply is "0.8"."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = train_bpe_tokenizer(["Grade the answer to the question ."] * 8, vocab_size=300)
-    tokenizer.add_tokens(["0.8"])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    grade = tokenizer.convert_tokens_to_ids("0.8")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+    model, tokenizer = build_tiny_causal_lm(
+        ["Grade the answer to the question ."] * 8,
+        CHAT_TEMPLATE,
+        extra_tokens=["0.8"],
         max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.zero_()
-        model.model.embed_tokens.weight[:, 0] = 1.0  # every token: the same constant direction
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()  # residual stream stays that constant
-            layer.mlp.down_proj.weight.zero_()
-        model.model.norm.weight.zero_()
-        model.model.norm.weight[0] = 1.0
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[grade, 0] = 50.0  # logit 50 for "0.8", 0 for every other token
+    force_greedy_token(model, tokenizer.convert_tokens_to_ids("0.8"))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 

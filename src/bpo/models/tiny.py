@@ -17,6 +17,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -199,3 +200,52 @@ def save_tiny_llava(
 
         (out / "tiny_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     return out
+
+
+def build_tiny_causal_lm(
+    texts: Iterable[str],
+    chat_template: str,
+    extra_tokens: Sequence[str] = (),
+    seed: int = 0,
+    max_position_embeddings: int = 2048,
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A tiny text-only Llama with a tokenizer trained on `texts` and the given chat template.
+
+    For tests of text stages (rewriters, judges served locally): random weights, eval mode.
+    """
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=300)
+    if extra_tokens:
+        tokenizer.add_tokens(list(extra_tokens))
+    tokenizer.chat_template = chat_template
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+@torch.no_grad()
+def force_greedy_token(model: LlamaForCausalLM, token_id: int) -> None:
+    """Set a tiny Llama's weights so that greedy decoding emits `token_id` at every step.
+
+    The residual stream becomes one constant direction (embeddings constant, attention and MLP
+    outputs zero) and the head maps that direction to a logit of 50 for `token_id`, 0 elsewhere.
+    """
+    model.model.embed_tokens.weight.zero_()
+    model.model.embed_tokens.weight[:, 0] = 1.0
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    model.model.norm.weight.zero_()
+    model.model.norm.weight[0] = 1.0
+    model.lm_head.weight.zero_()
+    model.lm_head.weight[token_id, 0] = 50.0
