@@ -57,5 +57,5 @@ def test_right_padding_is_refused(loaded):
 
 
 def test_unknown_backend_is_named():
-    with pytest.raises(ValueError, match="unknown generation backend 'vllm'"):
-        generate_with_config(None, None, [], GenerateConfig(backend="vllm"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown generation backend 'tgi'"):
+        generate_with_config(None, None, [], GenerateConfig(backend="tgi"))  # type: ignore[arg-type]

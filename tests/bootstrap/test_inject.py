@@ -328,6 +328,34 @@ def test_sampled_rewrites_honour_max_new_tokens():
     assert max(len(ids) for ids in new_tokens) == 5  # random weights: some row runs to the limit
 
 
+def test_sampled_rewrites_do_not_depend_on_the_batch():
+    """Temperature 1: six golds rewritten in one run (batches of 4, padded) equal the same golds
+    rewritten in two runs of three given their global indices (batches of 2): request i samples
+    from its own keyed stream, whatever else runs. The six rewrites differ from each other, so a
+    shuffled order could not pass; another seed gives other rewrites."""
+    model, tokenizer = build_tiny_causal_lm(
+        ["a red dog and a blue cat on a mat ."] * 8, CHAT_TEMPLATE
+    )
+    golds = [GOLD, "A cat.", "A red dog on a mat.", GOLD, "A blue cat.", "A dog and a cat."]
+
+    def rewriter(batch_size, seed=0):
+        return LocalRewriter(
+            model, tokenizer, max_new_tokens=6, temperature=1.0, top_p=1.0,
+            batch_size=batch_size, max_ratio=99, seed=seed,
+        )  # fmt: skip
+
+    whole = rewriter(4).rewrite_all(golds)
+    first = rewriter(2).rewrite_all(golds[:3], indices=[0, 1, 2])
+    second = rewriter(2).rewrite_all(golds[3:], indices=[3, 4, 5])
+    assert [r.raw for r in whole] == [r.raw for r in first + second]
+    assert [r.text for r in whole] == [r.text for r in first + second]
+    assert len({r.raw for r in whole}) == 6
+    # GOLD at index 0 and index 3: same prompt, other stream, other rewrite.
+    assert whole[0].raw != whole[3].raw
+    assert [r.raw for r in rewriter(4, seed=1).rewrite_all(golds)] != [r.raw for r in whole]
+    assert rewriter(1).rewrite(golds[4], index=4).raw == whole[4].raw
+
+
 def test_the_mllm_language_model_is_a_causal_lm_sharing_its_weights():
     texts = ["a red circle and a blue square ."] * 8
     llava, processor = build_tiny_llava(texts, TinyLlavaConfig(), seed=0)

@@ -10,8 +10,8 @@ from bootstrap_helpers import mixed_requests
 
 from bpo.bootstrap import GenerationRequest
 from bpo.bootstrap.weaken import (
+    KeyedSampler,
     WeakenConfig,
-    _KeyedSampler,
     noise_pixels,
     nucleus,
     stream_seed,
@@ -169,12 +169,12 @@ def test_keyed_sampler_draws_from_the_tempered_distribution():
     At temperature 0 the sampler is greedy."""
     n = 4000
     logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(n, 3)
-    forced = _KeyedSampler(list(range(n)), 1.0, 1.0)(None, logits.clone())  # type: ignore[arg-type]
+    forced = KeyedSampler(list(range(n)), 1.0, 1.0)(None, logits.clone())  # type: ignore[arg-type]
     assert bool((torch.isfinite(forced).sum(-1) == 1).all())
     counts = torch.bincount(forced.argmax(-1), minlength=3).double() / n
     for p, f in zip([0.5, 0.3, 0.2], counts.tolist(), strict=True):
         assert abs(f - p) < 5 * math.sqrt(p * (1 - p) / n)
-    greedy = _KeyedSampler([0, 1], 0.0, 1.0)(None, logits[:2].clone())  # type: ignore[arg-type]
+    greedy = KeyedSampler([0, 1], 0.0, 1.0)(None, logits[:2].clone())  # type: ignore[arg-type]
     assert greedy.argmax(-1).tolist() == [0, 0]
 
 

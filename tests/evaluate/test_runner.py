@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import importlib.util
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -478,3 +481,32 @@ def test_eval_verb_reads_a_yaml_config(tiny_llava_folder, shapeworld_data, tmp_p
     assert results["benchmarks"]["shapeworld_chair"]["responses"] == 2
     assert results["model"] == str(tiny_llava_folder)
     assert set(results["versions"]) >= {"bpo", "torch", "transformers"}
+
+
+@pytest.mark.slow  # the stand-in engine decodes with full forward passes (about 20 s)
+def test_the_vllm_backend_answers_like_transformers(
+    tiny_llava_folder, shapeworld_data, tmp_path, monkeypatch
+):
+    """`generation.backend: vllm` runs through a VllmGenerator (here over the stand-in engine of
+    tests/bootstrap/fake_vllm.py, which runs the tiny model on exactly the prompts and images it
+    is handed): its greedy answers and scores equal the transformers backend's."""
+    spec = importlib.util.spec_from_file_location(
+        "fake_vllm", Path(__file__).parents[1] / "bootstrap" / "fake_vllm.py"
+    )
+    fake_vllm = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "fake_vllm", fake_vllm)  # its dataclasses look it up
+    spec.loader.exec_module(fake_vllm)
+    fake_vllm.install(monkeypatch)
+    base = tiny_config(tiny_llava_folder, shapeworld_data)
+    expected = run_eval(base, tmp_path / "hf", log=lambda _: None)
+    vllm = dataclasses.replace(
+        base, generation=dataclasses.replace(base.generation, backend="vllm")
+    )
+    got = run_eval(vllm, tmp_path / "vllm", log=lambda _: None)
+    assert got["benchmarks"] == expected["benchmarks"]
+    for bench in ("chair", "pope"):
+        hf = (tmp_path / "hf" / bench / "answers.jsonl").read_text()
+        assert (tmp_path / "vllm" / bench / "answers.jsonl").read_text() == hf
+    (engine,) = fake_vllm.FakeLLM.instances
+    assert engine.kwargs["model"] == str(tiny_llava_folder)
+    assert len(engine.calls) >= 2  # one call per benchmark chunk at least

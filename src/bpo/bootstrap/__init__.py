@@ -1,8 +1,12 @@
-"""Bootstrapping negatives: generation backend, noise, weakened and error-injected answers."""
+"""Bootstrapping negatives: generation backends, noise, weakened and error-injected answers.
+
+The optional vLLM backend lives in `bpo.bootstrap.vllm_backend` (imported on use: vllm is optional).
+"""
 
 from bpo.bootstrap.generate import (
     GenerateConfig,
     GenerationRequest,
+    VllmConfig,
     generate_answers,
     generate_with_config,
 )
@@ -27,6 +31,7 @@ __all__ = [
     "InjectionStats",
     "InjectionVocabulary",
     "LocalRewriter",
+    "VllmConfig",
     "WeakenConfig",
     "WeakenedAnswer",
     "add_noise",

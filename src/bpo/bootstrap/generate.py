@@ -1,10 +1,15 @@
-"""Answer generation for every stage that generates: evaluation now, bootstrapping next.
+"""Answer generation for every stage that generates: evaluation and bootstrapping.
 
-One small interface, `generate_answers(model, processor, requests, ...) -> list[str]`, so that a
-second backend (vLLM) can stand beside the transformers one without callers changing. The
-transformers backend pads on the left (every row's next token is at the last position), sorts the
-requests by prompt length so that a batch pads little, generates with the KV cache under
-`torch.inference_mode`, and returns the answers in the order of the requests.
+One small interface, `generate_with_config(model, processor, requests, config) -> list[str]`, with
+two backends named by `GenerateConfig.backend`:
+
+- "transformers" (`generate_answers`): pads on the left (every row's next token is at the last
+  position), sorts the requests by prompt length so that a batch pads little, generates with the
+  KV cache under `torch.inference_mode`, and returns the answers in the order of the requests.
+- "vllm" (`bpo.bootstrap.vllm_backend`, optional, CUDA only): an offline vLLM engine, passed as
+  `model` in the form of a `VllmGenerator`; same requests, same answer format. Greedy answers
+  agree with the transformers backend's up to numerics; sampled ones follow the same distribution
+  but not the same tokens (vLLM's sampler is its own).
 """
 
 from __future__ import annotations
@@ -27,18 +32,52 @@ class GenerationRequest:
     image: Image.Image | None = None
 
 
+Backend = Literal["transformers", "vllm"]
+BACKENDS = ("transformers", "vllm")
+
+
+@dataclass
+class VllmConfig:
+    """The vLLM engine's options: the `vllm:` section, read when the backend is "vllm"."""
+
+    tensor_parallel_size: int = 1  # GPUs one engine spans
+    # Share of each GPU's memory the engine takes (weights + KV cache). Leave room for what runs
+    # beside it: the vision tower + projector that encode noised images (~0.6 GB for LLaVA-1.5).
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None  # null: the model's context length
+    dtype: str | None = None  # null: the `model:` section's dtype, so both backends match
+    enforce_eager: bool = False  # true skips CUDA graphs (slower, starts faster, less memory)
+    extra: dict[str, Any] = field(default_factory=dict)  # more vllm.LLM(...) kwargs
+
+
 @dataclass
 class GenerateConfig:
     """How answers are generated: the `generation:` section of a generating stage's config."""
 
-    backend: Literal["transformers"] = "transformers"
+    backend: Backend = "transformers"  # "vllm": an offline vLLM engine (CUDA; bpo[vllm])
     batch_size: int = 8
     max_new_tokens: int = 512
     do_sample: bool = False  # greedy by default, as benchmark answers are reported
     temperature: float = 1.0  # sampling only
     top_p: float = 1.0  # sampling only
-    seed: int = 0  # sampling only: batch k is seeded with seed + k
-    extra: dict[str, Any] = field(default_factory=dict)  # more model.generate kwargs
+    # sampling only. transformers: batch k is seeded with seed + k; vllm: request k of a call
+    # gets its own seed, keyed by (seed, k).
+    seed: int = 0
+    # More model.generate kwargs (transformers) or vllm.SamplingParams kwargs (vllm).
+    extra: dict[str, Any] = field(default_factory=dict)
+    vllm: VllmConfig = field(default_factory=VllmConfig)  # backend "vllm" only
+
+
+def check_backend(backend: str) -> None:
+    """Fail before any work on an unknown backend, or on "vllm" where vLLM is not installed."""
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown generation backend {backend!r}; use one of {', '.join(map(repr, BACKENDS))}"
+        )
+    if backend == "vllm":
+        from bpo.bootstrap.vllm_backend import require_vllm
+
+        require_vllm()
 
 
 def _as_request(request: GenerationRequest | dict[str, Any]) -> GenerationRequest:
@@ -133,12 +172,33 @@ def generate_with_config(
     progress: Callable[[int], None] | None = None,
     max_new_tokens: int | None = None,
 ) -> list[str]:
-    """`generate_answers` with a GenerateConfig; the backend named there answers.
+    """The answers of the backend named in `config`, in request order.
 
+    model: a transformers model, or for backend "vllm" a `bpo.bootstrap.vllm_backend.VllmGenerator`
+        (which holds the engine and its processor; `processor` is then not used).
     max_new_tokens: overrides the config's (a benchmark of one-word answers needs few).
     """
-    if config.backend != "transformers":
-        raise ValueError(f"unknown generation backend {config.backend!r}; use 'transformers'")
+    if config.backend == "vllm":
+        from bpo.bootstrap.vllm_backend import VllmGenerator
+
+        if not isinstance(model, VllmGenerator):
+            check_backend("vllm")  # a missing vllm is the likelier mistake: say so first
+            raise TypeError(
+                "backend 'vllm' answers with a VllmGenerator (see "
+                "bpo.bootstrap.vllm_backend.VllmGenerator.from_config), not a "
+                f"{type(model).__name__}"
+            )
+        return model.answers(
+            requests,
+            max_new_tokens=max_new_tokens or config.max_new_tokens,
+            do_sample=config.do_sample,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            seed=config.seed,
+            progress=progress,
+            **config.extra,
+        )
+    check_backend(config.backend)
     return generate_answers(
         model,
         processor,

@@ -25,7 +25,9 @@ from typing import Any, Literal
 
 import torch
 from lemminflect import getInflection
+from transformers import LogitsProcessorList
 
+from bpo.bootstrap.weaken import KeyedSampler, stream_seed
 from bpo.evaluate.chair import ObjectVocabulary, coco_vocabulary
 from bpo.evaluate.judge import JudgeClient, JudgeConfig, Messages
 
@@ -577,6 +579,10 @@ class LocalRewriter:
     chat_template: a template to use instead of the tokenizer's own (e.g. the MLLM processor's,
         when the rewriter is the MLLM's language model).
     temperature: 0 decodes greedily.
+    seed: with a request's index, keys its sampling (`stream_seed(seed, index, 0, "inject")`,
+        through weaken's `KeyedSampler`), so the rewrite of request i does not depend on the
+        batch it lands in: a resumed or sharded run that passes global `indices` rewrites
+        exactly as an uninterrupted one.
     """
 
     def __init__(
@@ -590,12 +596,21 @@ class LocalRewriter:
         batch_size: int = 8,
         min_ratio: float = 0.5,
         max_ratio: float = 2.0,
+        seed: int = 0,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.chat_template = chat_template
         self.batch_size = batch_size
         self.min_ratio, self.max_ratio = min_ratio, max_ratio
+        self.seed = seed
+
+    def seeds(self, count: int, indices: Sequence[int] | None = None) -> list[int]:
+        """The sampling seed of each of `count` requests (indices default to 0, 1, ...)."""
+        keys = list(range(count)) if indices is None else list(indices)
+        if len(keys) != count:
+            raise ValueError(f"{len(keys)} indices for {count} prompts")
+        return [stream_seed(self.seed, key, 0, "inject") for key in keys]
 
     def prompt(self, gold: str, mode: Mode = "description", question: str | None = None) -> str:
         """The rendered prompt text for one rewrite."""
@@ -607,9 +622,15 @@ class LocalRewriter:
         )
 
     @torch.no_grad()
-    def generate_ids(self, prompts: Sequence[str]) -> list[list[int]]:
-        """The new tokens of each prompt's continuation (at most max_new_tokens, padding cut)."""
+    def generate_ids(
+        self, prompts: Sequence[str], indices: Sequence[int] | None = None
+    ) -> list[list[int]]:
+        """The new tokens of each prompt's continuation (at most max_new_tokens, padding cut).
+
+        indices: the prompts' global indices, which key their sampling (default 0, 1, ...).
+        """
         tokenizer, outputs = self.tokenizer, []
+        seeds = self.seeds(len(prompts), indices)
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:
             for i in range(0, len(prompts), self.batch_size):
@@ -620,13 +641,13 @@ class LocalRewriter:
                     padding=True,
                     add_special_tokens=False,
                 ).to(self.model.device)
-                sample = self.temperature > 0
+                # Greedy decoding of the tokens the keyed sampler forces (argmax at temperature 0).
+                sampler = KeyedSampler(seeds[i : i + self.batch_size], self.temperature, self.top_p)
                 out = self.model.generate(
                     **batch,
                     max_new_tokens=self.max_new_tokens,
-                    do_sample=sample,
-                    temperature=self.temperature if sample else None,
-                    top_p=self.top_p if sample else None,
+                    do_sample=False,
+                    logits_processor=LogitsProcessorList([sampler]),
                     pad_token_id=tokenizer.pad_token_id,
                 )
                 # Slice off the prompt by token count, not characters: the official code cut
@@ -640,9 +661,9 @@ class LocalRewriter:
             tokenizer.padding_side = side
         return outputs
 
-    def generate(self, prompts: Sequence[str]) -> list[str]:
+    def generate(self, prompts: Sequence[str], indices: Sequence[int] | None = None) -> list[str]:
         """The raw continuation of each prompt: only the new tokens, decoded whole."""
-        ids = self.generate_ids(prompts)
+        ids = self.generate_ids(prompts, indices)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def rewrite_all(
@@ -651,11 +672,15 @@ class LocalRewriter:
         mode: Mode = "description",
         questions: Sequence[str | None] | None = None,
         stats: InjectionStats | None = None,
+        indices: Sequence[int] | None = None,
     ) -> list[Injection]:
-        """One validated rewrite per gold answer, rejects counted in `stats`."""
+        """One validated rewrite per gold answer, rejects counted in `stats`.
+
+        indices: the golds' global indices, which key their sampling (default 0, 1, ...).
+        """
         questions = questions if questions is not None else [None] * len(golds)
         prompts = [self.prompt(g, mode, q) for g, q in zip(golds, questions, strict=True)]
-        raws = self.generate(prompts)
+        raws = self.generate(prompts, indices)
         return [
             _checked(g, raw, [{"type": "llm", "mode": mode}], stats, self.min_ratio, self.max_ratio)
             for g, raw in zip(golds, raws, strict=True)
@@ -667,9 +692,10 @@ class LocalRewriter:
         mode: Mode = "description",
         question: str | None = None,
         stats: InjectionStats | None = None,
+        index: int = 0,
     ) -> Injection:
-        """One validated rewrite of `gold`."""
-        return self.rewrite_all([gold], mode, [question], stats)[0]
+        """One validated rewrite of `gold`, sampled as request `index`."""
+        return self.rewrite_all([gold], mode, [question], stats, [index])[0]
 
 
 class EndpointRewriter:

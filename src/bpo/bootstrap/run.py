@@ -13,9 +13,15 @@ Exactness across kills and shards comes from three things:
   rerun skips the keys already in the store;
 - rejects are written to `bad_records.jsonl` (reason `rejected_<source>_<why>`, id = the pair
   key) as they happen, so they are counted exactly once and not regenerated after a resume.
-The one exception: LLM rewriters ("self", "local", "endpoint") sampling at temperature > 0 draw
-from the global generator, so a resumed or sharded run makes valid negatives that are not
-token-identical to an uninterrupted run's; at temperature 0 ("lexical" always) they are.
+The local LLM rewriters ("self", "local") key their sampling the same way (`stream_seed(inject.seed,
+global index, 0, "inject")`), so they too are exact across kills and shards. The one exception is
+"endpoint" at temperature > 0: the server samples as it likes.
+
+Backends (`backend:`): "transformers" runs everything in the loaded model; "vllm" (a GPU with
+`pip install 'bpo[vllm]'`) makes weakened negatives and "self" rewrites in an offline vLLM engine
+(`bpo.bootstrap.vllm_backend`), with the same noise, keys and record format. The two backends
+sample the same distributions but not the same tokens, so the store records the backend and
+refuses to resume one backend's store with the other.
 
 The manifest's `counts.other` (rejects per reason) and `stats.lengths` (length distributions per
 source) are rebuilt from those files when the run closes, never carried in memory across a kill.
@@ -33,6 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from bpo.bootstrap.generate import Backend, VllmConfig, check_backend
 from bpo.bootstrap.inject import (
     EndpointRewriter,
     InjectionVocabulary,
@@ -108,6 +115,10 @@ class BootstrapConfig:
     max_length_ratio: float | None = None
     limit: int | None = None  # only the first `limit` samples of the file (smoke runs)
     shard_size: int = 1000  # pairs per output file
+    # "transformers": generate in the loaded model; "vllm": weakened negatives and "self"
+    # rewrites in an offline vLLM engine (a CUDA GPU and `pip install 'bpo[vllm]'`).
+    backend: Backend = "transformers"
+    vllm: VllmConfig = field(default_factory=VllmConfig)  # the engine's options (backend "vllm")
 
 
 # Fields that change where or how fast output is written, never what it holds.
@@ -115,14 +126,21 @@ NOT_IN_STORE_CONFIG = ("out", "chunk_size", "shard_size")
 
 
 def store_config(config: BootstrapConfig) -> dict[str, Any]:
-    """What the store records: everything that changes the pairs, and the shard position."""
+    """What the store records: everything that changes the pairs, and the shard position.
+
+    The backend is recorded only when it is "vllm", so stores made before it existed still resume.
+    """
     recorded = {k: v for k, v in asdict(config).items() if k not in NOT_IN_STORE_CONFIG}
     if config.inject.kind != "endpoint":
         del recorded["inject"]["endpoint"]
+    if config.backend == "transformers":
+        del recorded["backend"], recorded["vllm"]
+    else:
+        del recorded["vllm"]["gpu_memory_utilization"]  # changes speed, not the pairs
     return {"stage": "bootstrap", **recorded}
 
 
-def _check(config: BootstrapConfig) -> None:
+def _check(config: BootstrapConfig, engine_given: bool = False) -> None:
     if config.num_shards < 1 or not 0 <= config.shard_index < config.num_shards:
         raise ValueError(
             f"shard_index must be in [0, num_shards); got shard_index={config.shard_index}, "
@@ -136,6 +154,8 @@ def _check(config: BootstrapConfig) -> None:
         raise ValueError("both methods are disabled; enable weaken or inject")
     if config.inject.enabled and config.inject.kind == "local" and not config.inject.model:
         raise ValueError("inject.kind 'local' needs inject.model (a causal LM folder or name)")
+    if not engine_given:
+        check_backend(config.backend)  # a missing vllm fails here, before the store is opened
 
 
 # --- Length distributions -----------------------------------------------------------------------
@@ -300,8 +320,13 @@ def _load_images(items: list[_Item], image_root: Path, report: Callable) -> list
 class _Bootstrapper:
     """The models and settings of one run; `process(items)` makes one chunk's pairs."""
 
-    def __init__(self, config: BootstrapConfig, model: Any, processor: Any):
+    def __init__(self, config: BootstrapConfig, model: Any, processor: Any, generator: Any = None):
+        """model: the MLLM (transformers), or with backend "vllm" the encoder of noised images.
+
+        generator: with backend "vllm", the `VllmGenerator` that generates.
+        """
         self.config, self.model, self.processor = config, model, processor
+        self.generator = generator
         self.weaken = WeakenConfig(
             **{f.name: getattr(config.weaken, f.name) for f in fields(WeakenConfig)}
         )
@@ -315,24 +340,36 @@ class _Bootstrapper:
         elif inject.kind == "endpoint":
             self.rewriter = EndpointRewriter(inject.endpoint, inject.min_ratio, inject.max_ratio)
         else:
-            lm, tokenizer, template = self._rewriting_lm()
-            self.rewriter = LocalRewriter(
-                lm,
-                tokenizer,
-                max_new_tokens=inject.max_new_tokens,
-                temperature=inject.temperature,
-                top_p=inject.top_p,
-                chat_template=template,
-                batch_size=config.batch_size,
-                min_ratio=inject.min_ratio,
-                max_ratio=inject.max_ratio,
-            )
+            options = {
+                "max_new_tokens": inject.max_new_tokens,
+                "temperature": inject.temperature,
+                "top_p": inject.top_p,
+                "batch_size": config.batch_size,
+                "min_ratio": inject.min_ratio,
+                "max_ratio": inject.max_ratio,
+                "seed": inject.seed,
+            }
+            if inject.kind == "self" and generator is not None:
+                from bpo.bootstrap.vllm_backend import VllmRewriter
+
+                tokenizer, template = self._own_tokenizer()
+                self.rewriter = VllmRewriter(
+                    generator, tokenizer, chat_template=template, **options
+                )
+            else:
+                lm, tokenizer, template = self._rewriting_lm()
+                self.rewriter = LocalRewriter(lm, tokenizer, chat_template=template, **options)
+
+    def _own_tokenizer(self) -> tuple[Any, str | None]:
+        """The MLLM's tokenizer and chat template (what "self" rewriting prompts with)."""
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        template = tokenizer.chat_template or getattr(self.processor, "chat_template", None)
+        return tokenizer, template
 
     def _rewriting_lm(self) -> tuple[Any, Any, str | None]:
         inject = self.config.inject
         if inject.kind == "self":
-            tokenizer = getattr(self.processor, "tokenizer", self.processor)
-            template = tokenizer.chat_template or getattr(self.processor, "chat_template", None)
+            tokenizer, template = self._own_tokenizer()
             return causal_lm_from_mllm(self.model), tokenizer, template
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -353,14 +390,18 @@ class _Bootstrapper:
         if not todo:
             return []
         requests = [{"messages": i.sample.messages, "image": i.image} for i in todo]
-        answers = weakened_answers(
-            self.model,
-            self.processor,
-            requests,
-            self.weaken,
-            batch_size=self.config.batch_size,
-            indices=[i.index for i in todo],
-        )
+        indices = [i.index for i in todo]
+        if self.generator is not None:
+            answers = self.generator.weakened(requests, self.weaken, indices=indices)
+        else:
+            answers = weakened_answers(
+                self.model,
+                self.processor,
+                requests,
+                self.weaken,
+                batch_size=self.config.batch_size,
+                indices=indices,
+            )
         candidates = []
         for item, samples in zip(todo, answers, strict=True):
             for j, answer in enumerate(samples):
@@ -401,7 +442,8 @@ class _Bootstrapper:
             generator = f"endpoint:{inject.endpoint.model}"
         else:
             qs = questions if inject.mode == "qa" else None
-            results = self.rewriter.rewrite_all(golds, inject.mode, qs)
+            indices = [i.index for i in todo]
+            results = self.rewriter.rewrite_all(golds, inject.mode, qs, indices=indices)
             generator = inject.model if inject.kind == "local" else self.config.model.name_or_path
         candidates = []
         for item, result in zip(todo, results, strict=True):
@@ -468,6 +510,7 @@ def run_bootstrap(
     model_and_processor: tuple[Any, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda _msg: None,
+    engine_factory: Callable[[ModelConfig, VllmConfig], Any] | None = None,
 ) -> dict[str, Any]:
     """Make the pairs of `config` (or of the samples a previous run left); returns the manifest.
 
@@ -476,13 +519,16 @@ def run_bootstrap(
 
     Args:
         model_and_processor: an already loaded (model, processor) to use instead of loading
-            `config.model` (its settings are still what the store records).
+            `config.model` (its settings are still what the store records). With backend "vllm"
+            the model only encodes noised images (its language model is not used).
         progress: show a progress bar (samples of this shard, with rate and ETA).
+        engine_factory: backend "vllm": makes the engine from (config.model, config.vllm)
+            instead of `vllm.LLM` (tests hand in a stand-in).
     """
     from bpo.data import read_manifest
     from bpo.utils.console import progress_bar
 
-    _check(config)
+    _check(config, engine_given=engine_factory is not None)
     data = Path(config.data)
     image_root = Path(config.image_root) if config.image_root else data.parent
     total = _count_shard_samples(config) if progress else 0
@@ -499,11 +545,15 @@ def run_bootstrap(
             log(
                 f"resuming {writer.out_dir}: {len(writer.done_keys)} pairs, {len(rejected)} rejects"
             )
-        if model_and_processor is None:
+        generator = None
+        if config.backend == "vllm":
+            generator = _vllm_generator(config, model_and_processor, engine_factory)
+            model_and_processor = (generator.encoder, generator.processor)
+        elif model_and_processor is None:
             from bpo.models.load import load_from_config
 
             model_and_processor = load_from_config(config.model)
-        bootstrapper = _Bootstrapper(config, *model_and_processor)
+        bootstrapper = _Bootstrapper(config, *model_and_processor, generator=generator)
         # Images are loaded here, in the chunk, not by the reader: each is decoded once.
         records = read_llava(data, image_root, check_images=False)
         try:
@@ -535,6 +585,27 @@ def run_bootstrap(
             bootstrapper.close()
         finalize_stats(writer)
     return read_manifest(writer.out_dir)
+
+
+def _vllm_generator(
+    config: BootstrapConfig,
+    model_and_processor: tuple[Any, Any] | None,
+    engine_factory: Callable[[ModelConfig, VllmConfig], Any] | None,
+) -> Any:
+    """The VllmGenerator of a run: the encoder of noised images (if weakening), then the engine."""
+    from bpo.bootstrap.vllm_backend import VllmGenerator, make_engine
+
+    if model_and_processor is None:
+        return VllmGenerator.from_config(
+            config.model,
+            config.vllm,
+            batch_size=config.batch_size,
+            with_encoder=config.weaken.enabled,
+            engine_factory=engine_factory,
+        )
+    encoder, processor = model_and_processor
+    engine = (engine_factory or make_engine)(config.model, config.vllm)
+    return VllmGenerator(engine, processor, encoder, batch_size=config.batch_size)
 
 
 def merge_bootstrap_stores(

@@ -60,13 +60,23 @@ def stream_seed(seed: int, request_index: int, sample_index: int, stream: str) -
 def noise_pixels(
     pixel_values: Tensor, config: WeakenConfig, request_index: int, sample_index: int
 ) -> Tensor:
-    """One image's normalized pixels (1, C, H, W) noised as sample `sample_index` of the request.
+    """One request's normalized pixels noised as sample `sample_index` of the request.
 
+    pixel_values: (1, C, H, W), or (1, images, C, H, W) for processors that split an image into
+        crops (Idefics3/SmolVLM); there a row with fewer crops is padded with all-zero images,
+        which the model drops, so they stay zero and the noise is drawn for the real ones only.
     The noise is drawn on the CPU from the keyed generator, so it is the same on every device.
     """
     generator = torch.Generator().manual_seed(
         stream_seed(config.seed, request_index, sample_index, "noise")
     )
+    if pixel_values.dim() == 5:
+        real = pixel_values.flatten(2).ne(0).any(-1)  # (1, images)
+        noised = pixel_values.clone()
+        noised[real] = add_noise(
+            pixel_values[real], config.noise_step, config.schedule, generator=generator
+        )
+        return noised
     return add_noise(pixel_values, config.noise_step, config.schedule, generator=generator)
 
 
@@ -86,8 +96,11 @@ def nucleus(logits: Tensor, temperature: float, top_p: float) -> Tensor:
     return scaled.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
-class _KeyedSampler:
+class KeyedSampler:
     """A logits processor that samples each row from its own generator and forces that token.
+
+    The one keyed sampling loop of the package: weakened negatives and the LM rewriters
+    (`bpo.bootstrap.inject.LocalRewriter`) both decode through it.
 
     `model.generate` then decodes greedily: the forced token is the only one with finite score.
     Sampling this way, rather than with generate's `do_sample` (one global generator for the whole
@@ -119,7 +132,23 @@ class _KeyedSampler:
         return forced.scatter(-1, chosen[:, None], 0.0)
 
 
-def _check(config: WeakenConfig) -> None:
+def image_requests(
+    requests: Sequence[GenerationRequest | dict[str, Any]], indices: Sequence[int] | None
+) -> tuple[list[GenerationRequest], list[int]]:
+    """(requests, their global indices), each checked to have an image."""
+    items = [_as_request(r) for r in requests]
+    keys = list(range(len(items))) if indices is None else list(indices)
+    if len(keys) != len(items):
+        raise ValueError(f"{len(keys)} indices for {len(items)} requests")
+    for position, item in enumerate(items):
+        if item.image is None:
+            raise ValueError(
+                f"request {keys[position]} has no image; an image-weakened negative needs one"
+            )
+    return items, keys
+
+
+def check_config(config: WeakenConfig) -> None:
     if config.temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {config.temperature}")
     if not 0 < config.top_p <= 1:
@@ -152,18 +181,10 @@ def weakened_answers(
     progress: called with the number of samples each finished batch added.
     """
     config = config or WeakenConfig()
-    _check(config)
+    check_config(config)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    items = [_as_request(r) for r in requests]
-    keys = list(range(len(items))) if indices is None else list(indices)
-    if len(keys) != len(items):
-        raise ValueError(f"{len(keys)} indices for {len(items)} requests")
-    for position, item in enumerate(items):
-        if item.image is None:
-            raise ValueError(
-                f"request {keys[position]} has no image; an image-weakened negative needs one"
-            )
+    items, keys = image_requests(requests, indices)
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.padding_side != "left":
         raise ValueError(
@@ -175,7 +196,7 @@ def weakened_answers(
     # One row per (request, sample), in prompt-length order so that a batch pads little.
     rows = [(p, j) for p in range(len(items)) for j in range(config.samples_per_prompt)]
     rows.sort(key=lambda row: (lengths[row[0]], row))
-    eos_ids = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     answers: list[list[WeakenedAnswer | None]] = [[None] * config.samples_per_prompt for _ in items]
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -191,7 +212,7 @@ def weakened_answers(
         )  # (B, C, H, W)
         inputs = inputs.to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        sampler = _KeyedSampler(
+        sampler = KeyedSampler(
             [stream_seed(config.seed, keys[p], j, "sample") for p, j in batch],
             config.temperature,
             config.top_p,
@@ -208,7 +229,7 @@ def weakened_answers(
         )
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]  # (B, new)
         for b, (p, j) in enumerate(batch):
-            ids = _until_eos(new_tokens[b].tolist(), eos_ids)
+            ids = until_eos(new_tokens[b].tolist(), eos)
             logits = None
             if return_logits:
                 logits = torch.stack([step[b] for step in output.logits[: len(ids)]]).cpu()
@@ -216,7 +237,7 @@ def weakened_answers(
                 text=tokenizer.decode(ids, skip_special_tokens=True).strip(),
                 token_ids=ids,
                 meta={
-                    **_meta(config),
+                    **answer_meta(config),
                     "request_index": keys[p],
                     "sample_index": j,
                 },
@@ -227,20 +248,23 @@ def weakened_answers(
     return answers  # type: ignore[return-value]
 
 
-def _meta(config: WeakenConfig) -> dict[str, Any]:
+def answer_meta(config: WeakenConfig) -> dict[str, Any]:
+    """What made a weakened sample (less the request and sample index): its answers' `meta`."""
     meta = asdict(config)
     del meta["samples_per_prompt"]
     return meta
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = model.generation_config.eos_token_id
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The ids that end an answer: the model's generation config's, else the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
     return set(eos) if isinstance(eos, list) else {eos}
 
 
-def _until_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+def until_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
     """Generated ids up to and including the first end-of-sequence id (later ones are padding)."""
     for k, token in enumerate(ids):
         if token in eos_ids:

@@ -23,7 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from bpo.bootstrap.generate import GenerateConfig, GenerationRequest, generate_with_config
+from bpo.bootstrap.generate import (
+    GenerateConfig,
+    GenerationRequest,
+    check_backend,
+    generate_with_config,
+)
 from bpo.data.store import truncate_partial_line
 from bpo.evaluate import chair, datasets, judge, pope
 from bpo.evaluate.datasets import EvalItem, load_item_image
@@ -151,6 +156,9 @@ def _generation_meta(config: EvalConfig, bench: BenchmarkConfig) -> dict[str, An
     generation = asdict(config.generation)
     generation["max_new_tokens"] = _max_new_tokens(config, bench)
     generation.pop("batch_size")  # batching does not change greedy answers
+    if generation["backend"] == "transformers":
+        # Engine options matter only to vLLM; leaving them out keeps older answer folders valid.
+        generation.pop("vllm", None)
     suffix = (
         bench.prompt_suffix if bench.prompt_suffix is not None else DEFAULT_SUFFIX.get(bench.name)
     )
@@ -172,10 +180,15 @@ def _max_new_tokens(config: EvalConfig, bench: BenchmarkConfig) -> int:
 
 
 class ModelHolder:
-    """Loads the model on first use, so runs that only score answer files never load one."""
+    """Loads the model on first use, so runs that only score answer files never load one.
 
-    def __init__(self, config: ModelConfig | None):
+    With generation backend "vllm" the model is a `VllmGenerator` (the engine and the processor;
+    no image encoder, since evaluation images are clean), which `generate_with_config` expects.
+    """
+
+    def __init__(self, config: ModelConfig | None, generation: GenerateConfig | None = None):
         self.config = config
+        self.generation = generation
         self._loaded: tuple[Any, Any] | None = None
 
     def get(self, bench: BenchmarkConfig) -> tuple[Any, Any]:
@@ -185,9 +198,17 @@ class ModelHolder:
                     f"benchmark {bench.key} needs answers but the config has no `model:` section "
                     "and the benchmark no `answers:` file; add one of the two"
                 )
-            from bpo.models.load import load_from_config
+            if self.generation is not None and self.generation.backend == "vllm":
+                from bpo.bootstrap.vllm_backend import VllmGenerator
 
-            self._loaded = load_from_config(self.config)
+                generator = VllmGenerator.from_config(
+                    self.config, self.generation.vllm, with_encoder=False
+                )
+                self._loaded = (generator, generator.processor)
+            else:
+                from bpo.models.load import load_from_config
+
+                self._loaded = load_from_config(self.config)
         return self._loaded
 
 
@@ -533,9 +554,10 @@ def run_eval(config: EvalConfig, out: str | Path, log: Callable[[str], None] = p
     """Run every benchmark of `config` into `out`; returns what results.json holds."""
     started = time.time()
     check_config(config)
+    check_backend(config.generation.backend)  # a missing vllm fails before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = ModelHolder(config.model)
+    model = ModelHolder(config.model, config.generation)
     client = None
     if config.judge is not None and any(_needs_judge(b) for b in config.benchmarks):
         client = judge.JudgeClient(config.judge, cache_dir=out / "judge_cache")
