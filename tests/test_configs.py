@@ -33,3 +33,38 @@ def test_shipped_demo_config_is_the_default_run():
     parsed = parser.parse_path(str(CONFIGS / "shapeworld-demo.yaml"))
     run = parser.instantiate(parsed).run
     assert run == DemoConfig()
+
+
+TRAIN_CONFIGS = sorted((CONFIGS / "train").glob("*.yaml")) + sorted(CONFIGS.glob("*-bpo.yaml"))
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_train_configs_match_the_train_schema(path):
+    """Each parses as `bpo train` reads it: every key known, every value of its field's type."""
+    from bpo.train.config import TrainConfig, check_config
+
+    parser = ArgumentParser()
+    parser.add_argument("--run", type=TrainConfig)
+    raw = yaml.safe_load(path.read_text())
+    known = {f.name for f in fields(TrainConfig)}
+    assert set(raw["run"]) <= known, f"{path.name}: unknown keys {set(raw['run']) - known}"
+    run = parser.instantiate(parser.parse_path(str(path))).run
+    check_config(run)
+    assert run.model.trust_remote_code is False
+    assert run.pairs and run.image_root
+
+
+def test_paper_configs_spell_out_the_papers_recipe():
+    """LoRA r=32, alpha=256, dropout 0.05, lr 2e-6, beta 0.1, 2 epochs, cosine with 3% warmup,
+    bf16, max length 2048, 32 pairs per step on 8 GPUs."""
+    from bpo.train.config import TrainConfig
+
+    parser = ArgumentParser()
+    parser.add_argument("--run", type=TrainConfig)
+    for size in ("7b", "13b"):
+        run = parser.instantiate(parser.parse_path(str(CONFIGS / f"llava-1.5-{size}-bpo.yaml"))).run
+        assert run.model.name_or_path == f"llava-hf/llava-1.5-{size}-hf"
+        assert (run.lora.r, run.lora.alpha, run.lora.dropout) == (32, 256, 0.05)
+        assert (run.lr, run.loss.beta, run.epochs, run.scheduler) == (2e-6, 0.1, 2, "cosine")
+        assert (run.warmup_ratio, run.precision, run.max_length) == (0.03, "bf16", 2048)
+        assert run.effective_batch * 8 == 32 and run.projector_lr is None

@@ -19,6 +19,7 @@ from bpo.bootstrap.run import BootstrapConfig
 from bpo.evaluate.runner import EvalConfig
 from bpo.shapeworld.demo import DemoConfig
 from bpo.shapeworld.world import WorldConfig
+from bpo.train.config import TrainConfig
 
 
 def demo(out: Path = Path("runs/demo"), run: DemoConfig = DemoConfig()) -> None:  # noqa: B008
@@ -180,6 +181,76 @@ def merge(out: Path, shards: list[Path], overwrite: bool = False) -> None:
     print(json.dumps({"out": str(out), "counts": manifest["counts"]}))
 
 
+def train(
+    run: TrainConfig,
+    out: Path | None = None,
+    method: Literal["dpo", "sft"] | None = None,
+    resume: bool = False,
+) -> None:
+    """Train on a pair store with DPO (BPO), or the SFT baseline; LoRA, QLoRA or full weights.
+
+    Writes OUT/metrics.jsonl, checkpoints under OUT/checkpoints (every run.save_steps) and the
+    model in Hugging Face format under OUT/model. Multi-GPU: `accelerate launch -m bpo.cli train`.
+
+    Args:
+        run: model, pairs, method, LoRA, loss and optimization; usually
+            `--config configs/train/X.yaml`.
+        out: output folder (overrides run.out).
+        method: dpo or sft (overrides run.method): the paper's baseline trains the same model on
+            the same pairs with the NLL of the chosen answers only.
+        resume: continue from the newest checkpoint in OUT, exactly where it stopped.
+    """
+    from dataclasses import replace
+
+    from bpo.train.trainer import train as run_training
+    from bpo.utils.console import console
+
+    overrides = {"out": out and str(out), "method": method}
+    run = replace(run, **{k: v for k, v in overrides.items() if v is not None})
+    started = time.time()
+    result = run_training(run, resume=resume, log=console.log)
+    print(json.dumps({"out": run.out, **{k: v for k, v in result.summary.items() if k != "final"}}))
+    console.print(f"trained {result.summary['steps']} steps in {time.time() - started:.0f}s")
+
+
+def refs(run: TrainConfig, recompute: bool = False) -> None:
+    """Compute the reference log-probs a `bpo train` config needs, cached in its pair store.
+
+    The reference is the config's starting model, scored as training will score it (same dtype
+    and max_length), so `bpo train` with the same config reuses every entry.
+
+    Args:
+        run: the training config (model, pairs, image_root, max_length, reference_batch_size).
+        recompute: discard the stored entries for this model and settings, compute all anew.
+    """
+    from bpo.models.load import resolve_device
+    from bpo.train.refs import ensure_reference_logps, model_identity
+    from bpo.train.trainer import load_for_training
+    from bpo.utils.console import console
+
+    if run.pairs is None or run.image_root is None:
+        raise ValueError("bpo refs needs run.pairs (a pair store) and run.image_root")
+    model, processor = load_for_training(run, resolve_device(run.model.device))
+    table = ensure_reference_logps(
+        model,
+        processor,
+        run.pairs,
+        run.image_root,
+        model_identity=model_identity(run.model.name_or_path, run.model.revision),
+        max_length=run.max_length,
+        batch_size=run.reference_batch_size,
+        recompute=recompute,
+    )
+    for key, message in list(table.bad.items())[:20]:
+        console.log(f"no reference for {key}: {message}")
+    counts = {k: getattr(table, k) for k in ("reused", "computed", "stale", "truncated")}
+    print(
+        json.dumps(
+            {"refs": str(table.path), "pairs": len(table.pairs), "bad": len(table.bad), **counts}
+        )
+    )
+
+
 def _compare_args(args: list[str]) -> list[str]:
     """`compare RUN RUN...` and `merge OUT SHARD...` as jsonargparse reads a list positional."""
     verb, rest = args[:1], args[1:]
@@ -211,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
             "compare": compare,
             "bootstrap": bootstrap,
             "merge": merge,
+            "refs": refs,
+            "train": train,
             "export": export,
             "view": view,
         },

@@ -1,0 +1,252 @@
+"""Pairs to tensors: one image + prompt prefix and two answers per pair.
+
+INTERFACE (fixed; implementation owned by the logprobs work):
+
+    encode_pair(pair, processor, image, max_length=None) -> EncodedPair
+    collate_pairs(items, pad_token_id) -> PairBatch
+
+The packed layout. Each pair is one row `[prefix | chosen | rejected | pad]`, right-padded:
+
+    input_ids       (B, L)  the row's tokens, `pad_token_id` on padding
+    segments        (B, L)  0 prefix, 1 chosen, 2 rejected, -1 padding
+    position_ids    (B, L)  0.. over the prefix and chosen; the rejected block restarts at the
+                            prefix length, so both answers sit where they would after the prefix
+    score_positions (B, K)  for every answer token, the row position whose logits predict it;
+                            the first token of either answer is predicted by the prefix's last
+                            position, so that position appears twice
+    score_targets   (B, K)  the answer token predicted there (`pad_token_id` where unused)
+    score_branch    (B, K)  1 chosen, 2 rejected, 0 unused
+    prefix_lengths, chosen_lengths, rejected_lengths  (B,)
+    + the vision tensors (e.g. pixel_values), each pair's concatenated along dim 0 in row order;
+      `extra["vision_sizes"]` holds each pair's dim-0 size per key so the naive reference can
+      duplicate them per answer.
+
+`bpo.train.logprobs` turns `segments` into the block attention mask: chosen tokens see the prefix
+and the chosen tokens before them; rejected tokens see the prefix and the rejected tokens before
+them, never the chosen block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bpo.data.records import PreferencePair
+from bpo.models.prompts import build_prompt, tokenize_prompt_and_answer
+
+PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
+# Processor outputs that are text, not vision.
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+@dataclass
+class EncodedPair:
+    """One pair, tokenized. `prompt_ids` has the image tokens expanded (what the model sees)."""
+
+    key: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # answer tokens after the prompt, ending with the end-of-turn token
+    rejected_ids: list[int]
+    vision: dict[str, Tensor] = field(default_factory=dict)  # processor's image outputs, batch 1
+    truncated: bool = False  # an answer was cut to fit max_length
+
+
+@dataclass
+class PairBatch:
+    """A collated batch of pairs, laid out as `bpo.train.logprobs` needs (see the module doc)."""
+
+    tensors: dict[str, Tensor]
+    keys: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: Any) -> PairBatch:
+        """The same batch with every tensor on `device`."""
+        tensors = {name: t.to(device) for name, t in self.tensors.items()}
+        return PairBatch(tensors=tensors, keys=list(self.keys), extra=dict(self.extra))
+
+    @property
+    def vision(self) -> dict[str, Tensor]:
+        """The vision tensors (whatever the processor gave besides text), by keyword."""
+        return {name: self.tensors[name] for name in self.extra.get("vision_keys", [])}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _prompt_ids_with_image(
+    processor: Any, prompt_text: str, image: Any, add_special_tokens: bool
+) -> tuple[list[int], dict[str, Tensor]]:
+    """Prompt ids with the image placeholder expanded by the processor, and its vision tensors."""
+    out = processor(
+        images=[image],
+        text=[prompt_text],
+        return_tensors="pt",
+        add_special_tokens=add_special_tokens,
+    )
+    vision = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, Tensor)}
+    return out["input_ids"][0].tolist(), vision
+
+
+def _check_same_text(key: str, expanded: list[int], plain: list[int], image_token_id: int) -> None:
+    """Outside the image run, the processor's ids must be the tokenizer's: else answers misalign.
+
+    The one placeholder may expand to any run holding image tokens: N image tokens (LLaVA), or
+    `<fake_token_around_image><global-img><image>*N<fake_token_around_image>` (Idefics3/SmolVLM).
+    """
+    at = plain.index(image_token_id)
+    tail = len(plain) - at - 1
+    run = expanded[at : len(expanded) - tail]
+    if (
+        expanded[:at] != plain[:at]
+        or expanded[len(expanded) - tail :] != plain[at + 1 :]
+        or image_token_id not in run
+    ):
+        raise ValueError(
+            f"pair {key}: the processor tokenizes the prompt differently from the tokenizer "
+            f"(beyond expanding the image): {expanded} vs {plain}"
+        )
+
+
+def _fit_answers(
+    key: str, prompt_len: int, chosen: list[int], rejected: list[int], max_length: int | None
+) -> tuple[list[int], list[int], bool]:
+    """Cut each answer so that prompt + answer <= max_length; the prompt is never cut."""
+    if max_length is None:
+        return chosen, rejected, False
+    budget = max_length - prompt_len
+    if budget < 1:
+        raise ValueError(
+            f"pair {key}: the prompt alone is {prompt_len} tokens (image tokens included), which "
+            f"leaves no room for an answer within max_length={max_length}; raise max_length "
+            f"above {prompt_len}"
+        )
+    truncated = len(chosen) > budget or len(rejected) > budget
+    return chosen[:budget], rejected[:budget], truncated
+
+
+def encode_pair(
+    pair: PreferencePair,
+    processor: Any,
+    image: Any | None,
+    max_length: int | None = None,
+) -> EncodedPair:
+    """Tokenize a pair: the prompt (image tokens expanded), both answers, the vision tensors.
+
+    image: the pair's PIL image, or None for a text-only prompt.
+    max_length: the most tokens per branch, image tokens included: prompt + chosen and
+        prompt + rejected each fit in it (the packed row holds prompt + both answers). Answers are
+        cut from the end and `truncated` is set; a prompt that leaves no room raises ValueError.
+    """
+    has_image = image is not None
+    prompt_plain, chosen = tokenize_prompt_and_answer(
+        processor, pair.prompt, pair.chosen, has_image
+    )
+    _, rejected = tokenize_prompt_and_answer(processor, pair.prompt, pair.rejected, has_image)
+    vision: dict[str, Tensor] = {}
+    prompt_ids = prompt_plain
+    if has_image:
+        tokenizer = getattr(processor, "tokenizer", processor)
+        text = build_prompt(processor, pair.prompt, add_generation_prompt=True, has_image=True)
+        # tokenize_prompt_and_answer adds the specials unless the template wrote the BOS itself.
+        specials = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+        prompt_ids, vision = _prompt_ids_with_image(processor, text, image, specials)
+        image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+        _check_same_text(pair.key, prompt_ids, prompt_plain, image_token_id)
+    chosen, rejected, truncated = _fit_answers(
+        pair.key, len(prompt_ids), chosen, rejected, max_length
+    )
+    return EncodedPair(
+        key=pair.key,
+        prompt_ids=prompt_ids,
+        chosen_ids=chosen,
+        rejected_ids=rejected,
+        vision=vision,
+        truncated=truncated,
+    )
+
+
+def _packed_row(item: EncodedPair) -> tuple[list[int], list[int], list[int]]:
+    """(token ids, segments, position ids) of one `[prefix | chosen | rejected]` row."""
+    p, c, r = len(item.prompt_ids), len(item.chosen_ids), len(item.rejected_ids)
+    ids = item.prompt_ids + item.chosen_ids + item.rejected_ids
+    segments = [PREFIX] * p + [CHOSEN] * c + [REJECTED] * r
+    positions = list(range(p + c)) + list(range(p, p + r))
+    return ids, segments, positions
+
+
+def _score_row(item: EncodedPair) -> tuple[list[int], list[int], list[int]]:
+    """(positions, target ids, branch) for every answer token of one packed row."""
+    p, c, r = len(item.prompt_ids), len(item.chosen_ids), len(item.rejected_ids)
+    # Token j of an answer is predicted by the position before it; for j = 0 that is the
+    # prefix's last position (p - 1), shared by both answers.
+    chosen_at = [p - 1, *range(p, p + c - 1)]
+    rejected_at = [p - 1, *range(p + c, p + c + r - 1)]
+    positions = chosen_at[:c] + rejected_at[:r]
+    targets = item.chosen_ids + item.rejected_ids
+    branch = [CHOSEN] * c + [REJECTED] * r
+    return positions, targets, branch
+
+
+def _pad_rows(rows: Sequence[list[int]], value: int) -> Tensor:
+    """Right-pad lists of ints into a (len(rows), longest) long tensor."""
+    width = max(len(row) for row in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def _collate_vision(items: Sequence[EncodedPair]) -> tuple[dict[str, Tensor], dict[str, list]]:
+    """Each vision key concatenated over the pairs that have it, plus each pair's dim-0 size."""
+    keys = sorted({k for item in items for k in item.vision})
+    tensors, sizes = {}, {}
+    for k in keys:
+        parts = [item.vision[k] for item in items if k in item.vision]
+        # Per-pair crop counts differ when a processor splits images (Idefics3/SmolVLM:
+        # (1, images, C, H, W) with a (1, images, H, W) mask): pad with all-zero images, which
+        # those models drop, as their processors pad a batch themselves.
+        most = max(part.shape[1] for part in parts) if parts[0].dim() >= 3 else 0
+        parts = [
+            torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, most - p.shape[1]))
+            if p.dim() >= 3 and p.shape[1] < most
+            else p
+            for p in parts
+        ]
+        tensors[k] = torch.cat(parts, dim=0)
+        sizes[k] = [item.vision[k].shape[0] if k in item.vision else 0 for item in items]
+    return tensors, sizes
+
+
+def collate_pairs(items: Sequence[EncodedPair], pad_token_id: int) -> PairBatch:
+    """Right-padded packed rows `[prefix | chosen | rejected]`, one per pair (see module doc)."""
+    if not items:
+        raise ValueError("collate_pairs needs at least one pair")
+    for item in items:
+        if not item.prompt_ids or not item.chosen_ids or not item.rejected_ids:
+            raise ValueError(f"pair {item.key}: prompt and both answers need at least one token")
+    packed = [_packed_row(item) for item in items]
+    scored = [_score_row(item) for item in items]
+    vision, sizes = _collate_vision(items)
+    tensors = {
+        "input_ids": _pad_rows([row[0] for row in packed], pad_token_id),
+        "segments": _pad_rows([row[1] for row in packed], PAD),
+        "position_ids": _pad_rows([row[2] for row in packed], 0),
+        "score_positions": _pad_rows([row[0] for row in scored], 0),
+        "score_targets": _pad_rows([row[1] for row in scored], pad_token_id),
+        "score_branch": _pad_rows([row[2] for row in scored], 0),
+        "prefix_lengths": torch.tensor([len(i.prompt_ids) for i in items]),
+        "chosen_lengths": torch.tensor([len(i.chosen_ids) for i in items]),
+        "rejected_lengths": torch.tensor([len(i.rejected_ids) for i in items]),
+        **vision,
+    }
+    extra = {
+        "pad_token_id": pad_token_id,
+        "vision_keys": sorted(vision),
+        "vision_sizes": sizes,
+        "truncated": [item.truncated for item in items],
+    }
+    return PairBatch(tensors=tensors, keys=[item.key for item in items], extra=extra)

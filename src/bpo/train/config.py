@@ -1,0 +1,105 @@
+"""The `bpo train` schema: one dataclass tree read by the CLI, the YAML configs and Python alike.
+
+Defaults follow the paper's LLaVA-1.5 recipe where it has one (LoRA r=32, alpha=256, dropout 0.05,
+lr 2e-6, beta 0.1, 2 epochs, cosine schedule with 3% warmup); configs/llava-1.5-*-bpo.yaml spell
+it out, configs/train/shapeworld.yaml scales it down to a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bpo.models.load import ModelConfig
+
+
+@dataclass
+class LoraSettings:
+    """The `lora:` section: the adapter trained when `finetune` is "lora" or "qlora"."""
+
+    r: int = 32  # adapter rank
+    alpha: int = 256  # scaling numerator: the update is (alpha / r) * B @ A
+    dropout: float = 0.05  # on the adapter's input
+    # Names of linear layers inside the language model to adapt ("q_proj", "down_proj"...);
+    # null: every linear layer of the language model. The vision tower, the projector and the
+    # LM head are never targeted (the projector trains through `projector_lr`).
+    target_modules: list[str] | None = None
+    merge: bool = False  # save the adapter merged into the base weights (a plain HF model)
+
+
+@dataclass
+class LossSettings:
+    """The `loss:` section: DPO's options (see `bpo.train.losses.preference_loss`)."""
+
+    beta: float = 0.1  # strength of the implicit KL penalty towards the reference
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = 0.0  # conservative DPO: assumed chance a pair's labels are flipped
+    rpo_alpha: float = 0.0  # weight of the chosen answer's per-token NLL (RPO); 0: plain DPO
+    average_log_prob: bool = False  # score answers by mean per-token log-prob instead of the sum
+
+
+@dataclass
+class TrainConfig:
+    """A `bpo train` run: the `run:` section of configs/train/*.yaml and configs/*-bpo.yaml."""
+
+    model: ModelConfig  # the starting model; also the frozen reference
+    pairs: str | None = None  # pair store folder (`bpo bootstrap` output); None in the Python API
+    image_root: str | None = None  # the pairs' image paths are relative to it
+    out: str | None = "runs/train"  # None (Python API): write nothing, keep the history in memory
+    method: Literal["dpo", "sft"] = "dpo"  # sft: NLL of the chosen answers only (the baseline)
+    sources: list[str] | None = None  # only pairs of these sources ("weaken", "inject"); None: all
+    finetune: Literal["lora", "qlora", "full"] = "lora"  # full: every language-model weight
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    loss: LossSettings = field(default_factory=LossSettings)
+    lr: float = 2e-6  # peak learning rate of the language model (its adapter, or its weights)
+    projector_lr: float | None = None  # null: projector frozen; a number: it trains at this lr
+    train_vision_tower: bool = False  # the paper keeps the vision tower frozen
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"  # after the warmup
+    warmup_ratio: float = 0.03  # share of the optimizer steps spent warming up linearly from 0
+    max_grad_norm: float | None = 1.0  # gradient clipping; null: none
+    epochs: int = 2
+    max_steps: int | None = None  # optimizer steps; overrides `epochs` when set
+    batch_size: int = 1  # pairs per device per forward pass
+    grad_accum: int = 1  # forward passes per optimizer step
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of the forward (accelerate)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    max_length: int | None = None  # tokens per answer branch, image tokens included
+    seed: int = 0  # adapter init, dropout and the per-epoch data shuffle
+    num_workers: int = 0  # DataLoader workers that load images and tokenize
+    save_steps: int | None = None  # a resumable checkpoint every N optimizer steps; null: none
+    save_total_limit: int | None = 2  # keep only the newest N checkpoints; null: all
+    log_steps: int = 1  # a metrics line every N optimizer steps
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers
+    reference_batch_size: int = 8  # pairs per forward while precomputing reference log-probs
+
+    @property
+    def effective_batch(self) -> int:
+        """Pairs per optimizer step on one process; multiply by the number of processes."""
+        return self.batch_size * self.grad_accum
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise ValueError naming the field and the fix for settings that cannot train."""
+    positive = {"batch_size": config.batch_size, "grad_accum": config.grad_accum,
+                "epochs": config.epochs, "log_steps": config.log_steps,
+                "reference_batch_size": config.reference_batch_size}  # fmt: skip
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    for name in ("max_steps", "save_steps", "save_total_limit", "max_length"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 or null, got {value}")
+    if not 0 <= config.warmup_ratio < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
+    if config.lr < 0 or (config.projector_lr is not None and config.projector_lr < 0):
+        raise ValueError("learning rates must be >= 0")
+    if config.finetune != "full" and (config.lora.r < 1 or config.lora.alpha <= 0):
+        raise ValueError(f"lora.r and lora.alpha must be positive, got {config.lora}")
+    if config.lora.merge and config.finetune == "qlora":
+        raise ValueError(
+            "lora.merge with finetune 'qlora' would merge into 4-bit weights; train with "
+            "finetune 'lora', or merge the saved adapter into a bf16 base yourself"
+        )

@@ -1,0 +1,142 @@
+"""Distributed training: 2-process DDP (gloo, CPU) equals 1 process accumulating 2 micro-batches,
+and the shipped accelerate configs agree with the training configs they launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from trainer_helpers import tiny_config, write_store
+
+from bpo.train.config import LoraSettings
+from bpo.train.trainer import epoch_batches, train
+
+ROOT = Path(__file__).resolve().parents[2]
+ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+LAUNCH_TIMEOUT_S = 180
+CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+          "logps/rejected", "grad_norm")  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run `command` in its own process group; kill the whole group if it outlives the timeout."""
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        output, _ = proc.communicate()
+        pytest.fail(f"{command[0]} ran past {LAUNCH_TIMEOUT_S}s (hung?); output:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, output)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_see_the_pairs_one_process_accumulates_per_step():
+    """Per optimizer step, ranks 0 and 1 with batch 1 take the pairs that one process with batch 1
+    and 2 accumulated micro-batches takes: positions 2k and 2k + 1 of the same epoch order."""
+    one = epoch_batches(6, 1, seed=0, epoch=1)
+    ranks = [epoch_batches(6, 1, seed=0, epoch=1, rank=r, world=2) for r in (0, 1)]
+    steps_one = [one[i] + one[i + 1] for i in range(0, 6, 2)]
+    steps_two = [a + b for a, b in zip(*ranks, strict=True)]
+    assert steps_one == steps_two
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process_accumulating_two(
+    tiny_llava_folder, tmp_path, monkeypatch
+):
+    """`torchrun --nproc_per_node 2 -m bpo.cli train` (gloo on CPU, batch 1 per process) gives the
+    loss and reward curves, and the final weights, of one process with batch 1 x grad_accum 2: the
+    same 2 pairs per step, DDP averaging the two ranks' gradients where accumulation sums halves.
+    The vision tower trains too: its unused final layer norm needs find_unused_parameters."""
+    store, image_root = write_store(tmp_path / "data")
+    env = {**os.environ, "BPO_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    common = dict(
+        pairs=str(store), image_root=str(image_root), batch_size=1, epochs=2, lr=1e-3,
+        train_vision_tower=True, lora=LoraSettings(r=4, alpha=8, dropout=0.0, merge=True),
+    )  # fmt: skip
+    single = tiny_config(tiny_llava_folder, tmp_path / "one", grad_accum=2, **common)
+    ddp = tiny_config(tiny_llava_folder, tmp_path / "ddp", grad_accum=1, **common)
+
+    # One process, in this one; it also caches the reference log-probs that both runs read.
+    monkeypatch.setenv("BPO_CACHE_DIR", env["BPO_CACHE_DIR"])
+    train(single, log=lambda _: None)
+
+    config_file = tmp_path / "ddp.yaml"
+    config_file.write_text(yaml.safe_dump({"run": json.loads(json.dumps(asdict(ddp)))}))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = launch(
+        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "-m", "bpo.cli", "train", "--config", str(config_file)],
+        env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:]
+
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["distributed_type"] == "MULTI_CPU"
+    assert summary["effective_batch"] == 2 and summary["steps"] == 6
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "ddp")
+    assert [line["step"] for line in two] == [line["step"] for line in one] == [1, 2, 3, 4, 5, 6]
+    for name in CURVES:
+        curve_one, curve_two = [line[name] for line in one], [line[name] for line in two]
+        assert curve_two == pytest.approx(curve_one, abs=1e-5), name
+    assert one[-1]["loss"] < one[0]["loss"] - 1e-3  # the curves moved: training happened
+    # Merged, so the saved weights hold the trained vision tower as well as the adapter's update.
+    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
+
+
+def _deepspeed_section(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()).get("deepspeed_config") or {}
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.stem)
+def test_accelerate_config_loads(path):
+    """Every shipped accelerate config is one `accelerate launch --config_file` reads."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1 and config.compute_environment.value == "LOCAL_MACHINE"
+    assert config.distributed_type.value in {"MULTI_GPU", "DEEPSPEED", "FSDP"}
+
+
+@pytest.mark.parametrize("size", ["7b", "13b"])
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.stem)
+def test_accelerate_config_agrees_with_the_llava_training_config(path, size):
+    """The launcher's precision and DeepSpeed's accumulation and clipping match the training
+    config's `precision`, `grad_accum` and `max_grad_norm` (the trainer refuses a mismatch)."""
+    run = yaml.safe_load((ROOT / "configs" / f"llava-1.5-{size}-bpo.yaml").read_text())["run"]
+    launcher = yaml.safe_load(path.read_text())
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[run["precision"]]
+    # DDP's file keeps "no": the trainer passes its own precision to Accelerator, which wins.
+    assert launcher["mixed_precision"] in {"no", precision}
+    deepspeed = _deepspeed_section(path)
+    if deepspeed:
+        assert deepspeed["gradient_accumulation_steps"] == run["grad_accum"]
+        assert deepspeed["gradient_clipping"] == run["max_grad_norm"]
+        assert launcher["mixed_precision"] == precision

@@ -1,0 +1,189 @@
+"""Preference losses against numbers worked out by hand (each test's docstring shows the sums)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bpo.train.losses import average_logps, dpo_loss, nll_loss, preference_loss
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def pair_with_margin(h: float) -> tuple[torch.Tensor, ...]:
+    """Log-probs with (pi_c - pi_r) - (ref_c - ref_r) = h; the reference margin is 0."""
+    return t(-10.0), t(-10.0 - h), t(-11.0), t(-11.0)
+
+
+def test_sigmoid_loss_at_margin_two():
+    """beta=0.1, h=2: loss = -log sigmoid(0.2) = log(1 + e^-0.2) = log(1.8187308) = 0.5981389."""
+    losses, _, _ = dpo_loss(*pair_with_margin(2.0), beta=0.1)
+    assert losses.item() == pytest.approx(0.5981389, abs=1e-6)
+
+
+def test_sigmoid_loss_at_zero_margin_is_log_two():
+    """h=0 for any beta: -log sigmoid(0) = log 2 = 0.6931472."""
+    losses, _, _ = dpo_loss(*pair_with_margin(0.0), beta=0.5)
+    assert losses.item() == pytest.approx(0.6931472, abs=1e-6)
+
+
+def test_label_smoothing_is_conservative_dpo():
+    """beta=0.1, h=2, eps=0.1:
+    0.9 * -log sigmoid(0.2) + 0.1 * -log sigmoid(-0.2)
+    = 0.9 * 0.5981389 + 0.1 * log(1 + e^0.2) = 0.5383250 + 0.1 * 0.7981389 = 0.6181389.
+    """
+    losses, _, _ = dpo_loss(*pair_with_margin(2.0), beta=0.1, label_smoothing=0.1)
+    assert losses.item() == pytest.approx(0.6181389, abs=1e-6)
+
+
+def test_ipo_loss():
+    """IPO, TRL's form (h - 1/(2 beta))^2:
+    beta=0.1, h=2: (2 - 5)^2 = 9;  beta=0.25, h=3: (3 - 2)^2 = 1;  beta=0.25, h=2: 0.
+    """
+    cases = [(0.1, 2.0, 9.0), (0.25, 3.0, 1.0), (0.25, 2.0, 0.0)]
+    for beta, h, expected in cases:
+        losses, _, _ = dpo_loss(*pair_with_margin(h), beta=beta, loss_type="ipo")
+        assert losses.item() == pytest.approx(expected, abs=1e-9), (beta, h)
+
+
+def test_hinge_loss():
+    """relu(1 - beta h): beta=0.1, h=2 -> 0.8;  h=20 -> relu(-1) = 0;  h=-5 -> 1.5."""
+    cases = [(2.0, 0.8), (20.0, 0.0), (-5.0, 1.5)]
+    for h, expected in cases:
+        losses, _, _ = dpo_loss(*pair_with_margin(h), beta=0.1, loss_type="hinge")
+        assert losses.item() == pytest.approx(expected, abs=1e-9), h
+
+
+def test_rewards_and_margin_use_both_models():
+    """pi_c=-10, pi_r=-15, ref_c=-12, ref_r=-13, beta=0.1:
+    chosen reward 0.1 * (-10 + 12) = 0.2, rejected 0.1 * (-15 + 13) = -0.2,
+    h = (-10 + 15) - (-12 + 13) = 5 - 1 = 4, loss = log(1 + e^-0.4) = log(1.6703200) = 0.5130153.
+    """
+    losses, chosen, rejected = dpo_loss(t(-10.0), t(-15.0), t(-12.0), t(-13.0), beta=0.1)
+    assert chosen.item() == pytest.approx(0.2)
+    assert rejected.item() == pytest.approx(-0.2)
+    assert losses.item() == pytest.approx(0.5130153, abs=1e-6)
+
+
+def test_batch_is_per_pair():
+    """Two pairs in one batch give each its own loss: h=2 -> 0.5981389, h=0 -> 0.6931472."""
+    a, b = pair_with_margin(2.0), pair_with_margin(0.0)
+    batch = [torch.cat([x, y]) for x, y in zip(a, b, strict=True)]
+    losses, _, _ = dpo_loss(*batch, beta=0.1)
+    assert losses.shape == (2,)
+    assert losses.tolist() == pytest.approx([0.5981389, 0.6931472], abs=1e-6)
+
+
+def test_sigmoid_gradient_raises_chosen_and_lowers_rejected():
+    """d loss / d pi_c = -beta * sigmoid(-beta h) = -0.1 * sigmoid(-0.2) = -0.1 * 0.4501660
+    = -0.0450166 at h=2, and d loss / d pi_r is its negative; the reference gets no gradient
+    of its own (it is an input, but a descent step on the policy raises pi_c, lowers pi_r).
+    """
+    pi_c, pi_r, ref_c, ref_r = (x.clone().requires_grad_(True) for x in pair_with_margin(2.0))
+    losses, chosen, rejected = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1)
+    losses.sum().backward()
+    assert pi_c.grad.item() == pytest.approx(-0.0450166, abs=1e-6)
+    assert pi_r.grad.item() == pytest.approx(0.0450166, abs=1e-6)
+    assert pi_c.grad.item() < 0
+    assert not chosen.requires_grad and not rejected.requires_grad
+
+
+def test_average_logps_and_empty_answer():
+    """-12 over 4 tokens = -3;  -10 over 2 = -5;  0 over 0 tokens = 0 (not NaN)."""
+    out = average_logps(t(-12.0, -10.0, 0.0), torch.tensor([4, 2, 0]))
+    assert out.tolist() == [-3.0, -5.0, 0.0]
+
+
+def test_nll_loss_is_per_token():
+    """-(-12) / 4 = 3 and -(-7) / 7 = 1."""
+    assert nll_loss(t(-12.0, -7.0), torch.tensor([4, 7])).tolist() == [3.0, 1.0]
+
+
+def test_average_log_prob_changes_the_margin():
+    """pi_c=-12 (4 tokens), pi_r=-10 (2), ref_c=-16 (4), ref_r=-12 (2), beta=0.1.
+    Summed:   h = (-12 + 10) - (-16 + 12) = -2 + 4 = 2  -> loss 0.5981389.
+    Averaged: pi_c=-3, pi_r=-5, ref_c=-4, ref_r=-6, h = 2 - 2 = 0 -> loss log 2 = 0.6931472,
+    and rewards 0.1 * (-3 + 4) = 0.1, 0.1 * (-5 + 6) = 0.1.
+    """
+    args = (t(-12.0), t(-10.0), t(-16.0), t(-12.0), torch.tensor([4]), torch.tensor([2]))
+    summed, _ = preference_loss(*args, beta=0.1)
+    averaged, metrics = preference_loss(*args, beta=0.1, average_log_prob=True)
+    assert summed.item() == pytest.approx(0.5981389, abs=1e-6)
+    assert averaged.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["rewards/chosen"].item() == pytest.approx(0.1)
+    assert metrics["rewards/rejected"].item() == pytest.approx(0.1)
+    # logps/* report the policy's summed log-probs either way.
+    assert metrics["logps/chosen"].item() == -12.0
+
+
+def test_rpo_adds_alpha_times_chosen_nll():
+    """As above, summed (h=2, DPO 0.5981389); chosen NLL = 12 / 4 = 3, alpha = 0.5:
+    loss = 0.5981389 + 0.5 * 3 = 2.0981389, metric nll = 3.
+    """
+    args = (t(-12.0), t(-10.0), t(-16.0), t(-12.0), torch.tensor([4]), torch.tensor([2]))
+    losses, metrics = preference_loss(*args, beta=0.1, rpo_alpha=0.5)
+    assert losses.item() == pytest.approx(2.0981389, abs=1e-6)
+    assert metrics["nll"].item() == pytest.approx(3.0)
+    _, plain = preference_loss(*args, beta=0.1)
+    assert "nll" not in plain
+
+
+def test_metrics_are_batch_means_with_trl_names():
+    """Pair A: pi_c=-10, pi_r=-15, ref_c=-12, ref_r=-13 -> rewards 0.2, -0.2 (chosen wins).
+    Pair B: pi_c=-20, pi_r=-18, ref_c=-19, ref_r=-19 -> rewards -0.1, 0.1 (rejected wins).
+    Pair C: pi_c=-5, pi_r=-5, ref_c=-5, ref_r=-5 -> rewards 0, 0 (a tie is not a win).
+    rewards/chosen = (0.2 - 0.1 + 0) / 3 = 0.0333333, rewards/rejected = (-0.2 + 0.1 + 0) / 3
+    = -0.0333333, margins = (0.4 - 0.2 + 0) / 3 = 0.0666667, accuracies = 1/3,
+    logps/chosen = (-10 - 20 - 5) / 3 = -11.6666667, logps/rejected = (-15 - 18 - 5) / 3
+    = -12.6666667.
+    """
+    tokens = torch.tensor([3, 3, 3])
+    losses, metrics = preference_loss(
+        t(-10.0, -20.0, -5.0),
+        t(-15.0, -18.0, -5.0),
+        t(-12.0, -19.0, -5.0),
+        t(-13.0, -19.0, -5.0),
+        tokens,
+        tokens,
+        beta=0.1,
+    )
+    expected = {
+        "rewards/chosen": 0.0333333,
+        "rewards/rejected": -0.0333333,
+        "rewards/accuracies": 1 / 3,
+        "rewards/margins": 0.0666667,
+        "logps/chosen": -11.6666667,
+        "logps/rejected": -12.6666667,
+    }
+    assert set(metrics) == set(expected)
+    for name, value in expected.items():
+        assert metrics[name].item() == pytest.approx(value, abs=1e-6), name
+        assert not metrics[name].requires_grad
+    assert losses.shape == (3,)
+
+
+def test_unknown_loss_type_lists_choices():
+    with pytest.raises(
+        ValueError, match="unknown loss_type 'kto'; choose one of sigmoid, ipo, hinge"
+    ):
+        dpo_loss(*pair_with_margin(1.0), loss_type="kto")
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
+def test_label_smoothing_only_with_sigmoid(loss_type):
+    with pytest.raises(ValueError, match=f"only to loss_type 'sigmoid'.*not '{loss_type}'"):
+        dpo_loss(*pair_with_margin(1.0), loss_type=loss_type, label_smoothing=0.1)
+
+
+def test_bad_beta_smoothing_and_alpha_are_rejected():
+    args = pair_with_margin(1.0)
+    with pytest.raises(ValueError, match="beta must be positive"):
+        dpo_loss(*args, beta=0.0)
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        dpo_loss(*args, label_smoothing=0.5)
+    with pytest.raises(ValueError, match="rpo_alpha must be >= 0"):
+        preference_loss(*args, torch.tensor([1]), torch.tensor([1]), rpo_alpha=-1.0)
