@@ -17,6 +17,7 @@ from bpo.shapeworld.demo import (
     pixel_tensor,
     run_demo,
 )
+from bpo.shapeworld.arms import ArmsConfig
 from bpo.shapeworld.metrics import hallucination_metrics
 from bpo.shapeworld.negatives import NegativesConfig
 from bpo.shapeworld.world import CAPTION_PROMPTS, caption
@@ -38,6 +39,7 @@ def mini_config() -> DemoConfig:
         negatives=NegativesConfig(
             scenes=10, noise_steps=(500, 900), max_new_tokens=8, batch_size=4
         ),
+        training=ArmsConfig(arms=("sft", "bpo", "bpo_inject"), seeds=(0, 1), steps=3, batch_size=4),
     )
 
 
@@ -155,3 +157,41 @@ def test_bootstrapped_pairs_and_their_statistics(demo_run):
     assert inject_stats["accepted"] + sum(inject_stats["rejected"].values()) == 10
     assert all(p.chosen == caption(by_id[p.id]) != p.rejected for p in injected)
     assert (out / "images" / "sw000000.png").exists()
+
+
+@pytest.mark.slow
+def test_trained_arms_are_written_per_seed_with_their_means(demo_run):
+    """Every arm x seed has its answers file; its metrics are those answers' metrics, and the
+    arm's top-level numbers are the means over the seeds."""
+    out, results, _ = demo_run
+    scenes = build_world(mini_config()).eval_scenes
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["seeds"] == [0, 1]
+    assert list(on_disk["arms"]) == ["base", "sft", "bpo", "bpo_inject"]
+    for arm in ("sft", "bpo", "bpo_inject"):
+        runs = on_disk["arms"][arm]["per_seed"]
+        assert [r["seed"] for r in runs] == [0, 1]
+        for run in runs:
+            path = out / f"answers-{arm}-s{run['seed']}.jsonl"
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            recomputed = hallucination_metrics([r["answer"] for r in rows], scenes)
+            assert {k: run[k] for k in recomputed} == pytest.approx(recomputed)
+            history = (out / "train" / f"{arm}-s{run['seed']}.jsonl").read_text().splitlines()
+            assert [json.loads(line)["step"] for line in history] == [1, 2, 3]
+        mean = (runs[0]["chair_i"] + runs[1]["chair_i"]) / 2
+        assert on_disk["arms"][arm]["chair_i"] == pytest.approx(mean)
+
+
+@pytest.mark.slow
+def test_dpo_arms_start_at_log_two_and_sft_has_no_rewards(demo_run):
+    """At step 1 the policy is the reference: DPO's loss is log 2 (+ the RPO term, whose NLL is
+    logged), SFT logs no reward metrics at all."""
+    import math
+
+    out, _, _ = demo_run
+    first = json.loads((out / "train" / "bpo-s0.jsonl").read_text().splitlines()[0])
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    alpha = mini_config().training.rpo_alpha
+    assert first["loss"] == pytest.approx(math.log(2) + alpha * first["nll"], rel=1e-5)
+    sft = json.loads((out / "train" / "sft-s0.jsonl").read_text().splitlines()[0])
+    assert "rewards/margins" not in sft

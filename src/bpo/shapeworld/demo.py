@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from PIL import Image
 
 import bpo
+from bpo.data.store import read_pairs
 from bpo.evaluate.pope import (
     STRATEGIES,
     build_pope_questions,
@@ -44,6 +46,7 @@ from bpo.evaluate.pope import (
 from bpo.models.load import load_model_and_processor
 from bpo.models.tiny import TinyLlavaConfig, build_tiny_llava, save_tiny_llava
 from bpo.shapeworld import train
+from bpo.shapeworld.arms import ArmsConfig, check_arms, summarize, train_arm
 from bpo.shapeworld.metrics import hallucination_metrics
 from bpo.shapeworld.negatives import NegativesConfig, bootstrap_pairs
 from bpo.shapeworld.world import (
@@ -95,6 +98,7 @@ class DemoConfig:
     max_new_tokens: int = 40
     pope_per_image: int = 2  # POPE: yes-questions per image (and as many no-questions)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    training: ArmsConfig = field(default_factory=ArmsConfig)  # the SFT and BPO arms
     eval_batch_size: int = 100
     threads: int = 1  # torch threads; see `choose_threads`
 
@@ -376,12 +380,7 @@ def run_demo(cfg: DemoConfig, out: Path, log=print) -> dict:
     model = align_model(model, processor, cfg, world, log)
     save_tiny_llava(model, processor, out / "base", cfg.model)
     metrics, answers = evaluate_base(model, processor, cfg, world)
-    (out / "answers-base.jsonl").write_text(
-        "".join(
-            json.dumps({"id": i, "answer": a, "truth": caption(s)}) + "\n"
-            for i, (a, s) in enumerate(zip(answers, world.eval_scenes, strict=True))
-        )
-    )
+    write_answers(out / "answers-base.jsonl", answers, world.eval_scenes)
     with progress_bar("bootstrapping negatives", 1) as advance:
         negatives = bootstrap_pairs(
             model, processor, world.align_scenes, cfg.world, cfg.negatives, cfg.seed,
@@ -389,8 +388,11 @@ def run_demo(cfg: DemoConfig, out: Path, log=print) -> dict:
         )  # fmt: skip
         advance(0)
     log(f"pairs: {out / 'pairs'} (view: bpo view {out / 'pairs'} --image_root {out})")
+    arms = {"base": {**metrics, "per_seed": [metrics]}}
+    arms.update(train_arms(model, processor, cfg, world, out, log))
     results = {
-        "arms": {"base": metrics},
+        "arms": arms,
+        "seeds": list(cfg.training.seeds),
         "checks": {"base": check_base(metrics)},
         "negatives": negatives,
         "config": asdict(cfg),
@@ -398,4 +400,46 @@ def run_demo(cfg: DemoConfig, out: Path, log=print) -> dict:
         "wall_s": round(time.time() - started, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def write_answers(path: Path, answers: list[str], scenes: list[Scene]) -> None:
+    """One JSON line per held-out scene: its index, the model's caption and the gold caption."""
+    path.write_text(
+        "".join(
+            json.dumps({"id": i, "answer": a, "truth": caption(s)}) + "\n"
+            for i, (a, s) in enumerate(zip(answers, scenes, strict=True))
+        )
+    )
+
+
+def train_arms(base, processor, cfg: DemoConfig, world: World, out: Path, log) -> dict:
+    """Train and evaluate every arm for every seed; {arm: mean metrics + std + per_seed}.
+
+    Writes OUT/answers-{arm}-s{seed}.jsonl and the training metrics OUT/train/{arm}-s{seed}.jsonl.
+    """
+    training = cfg.training
+    check_arms(training)
+    pairs = list(read_pairs(out / "pairs"))
+    images = {p.image: Image.open(out / p.image).convert("RGB") for p in pairs}
+    (out / "train").mkdir(exist_ok=True)
+    results = {}
+    for arm in training.arms:
+        per_seed = []
+        for seed in training.seeds:
+            t0 = time.time()
+            with progress_bar(f"training {arm} (seed {seed})", training.steps) as advance:
+                model, history = train_arm(
+                    base, processor, pairs, images, arm, seed, training, str(out / "base"),
+                    on_step=lambda step, m: advance(step, m["loss"]),
+                )  # fmt: skip
+            metrics, answers = evaluate_base(model, processor, cfg, world)
+            write_answers(out / f"answers-{arm}-s{seed}.jsonl", answers, world.eval_scenes)
+            (out / "train" / f"{arm}-s{seed}.jsonl").write_text(
+                "".join(json.dumps(line) + "\n" for line in history)
+            )
+            log(f"{arm} seed {seed}: {training.steps} steps ({time.time() - t0:.0f}s), CHAIR_i "
+                f"{metrics['chair_i']:.4f}, recall {metrics['recall']:.4f}")  # fmt: skip
+            per_seed.append({"seed": seed, **metrics})
+        results[arm] = summarize(per_seed)
     return results

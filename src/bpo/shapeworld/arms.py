@@ -1,0 +1,138 @@
+"""The demo's trained arms: SFT and BPO (DPO on the bootstrapped pairs) from the aligned base.
+
+Every arm starts from the same base model, sees the same positives (the alignment scenes' gold
+captions, the pairs' chosen answers) and runs the same number of optimizer steps at the same
+learning rate; only the objective and the negatives differ:
+- `sft`: the NLL of the chosen answers (the paper's baseline);
+- `bpo`: DPO on both negative sources (image-weakened and error-injected);
+- `bpo_weaken`, `bpo_inject`: DPO on one source (the ablations).
+Each arm is trained once per seed (the seed moves the adapter's initialisation and the data
+order, not the data) and evaluated on the held-out scenes like the base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from PIL import Image
+
+from bpo.data.records import PreferencePair
+from bpo.models.load import ModelConfig
+from bpo.train.config import LoraSettings, LossSettings, TrainConfig
+from bpo.train.trainer import train
+
+# Which pairs each arm trains on: None means every source.
+ARM_SOURCES: dict[str, tuple[str, ...] | None] = {
+    "sft": None,
+    "bpo": None,
+    "bpo_weaken": ("weaken",),
+    "bpo_inject": ("inject",),
+}
+
+
+@dataclass
+class ArmsConfig:
+    """How the demo trains its arms; the seeds are fixed here, before the run."""
+
+    arms: tuple[str, ...] = ("sft", "bpo")
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 150  # optimizer steps, the same for every arm
+    batch_size: int = 16  # pairs per step
+    lr: float = 1e-3  # a 0.2M-parameter model needs a far larger step than a 7B one
+    finetune: Literal["lora", "full"] = "lora"
+    lora_r: int = 8  # adapter rank (alpha = 2r)
+    beta: float = 0.1  # DPO's KL strength
+    # NLL anchor on the chosen answers (RPO): without it DPO lowers the gold's likelihood too and
+    # shortens captions, which costs recall.
+    rpo_alpha: float = 1.0
+    average_log_prob: bool = False
+    warmup_ratio: float = 0.05
+
+
+def check_arms(config: ArmsConfig) -> None:
+    unknown = [arm for arm in config.arms if arm not in ARM_SOURCES]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; choose from {', '.join(ARM_SOURCES)}")
+    if not config.seeds:
+        raise ValueError("arms.seeds is empty; give at least one seed")
+
+
+def arm_train_config(arm: str, seed: int, config: ArmsConfig, base_path: str) -> TrainConfig:
+    """The `bpo train` config of one arm and seed (in memory: nothing written)."""
+    return TrainConfig(
+        model=ModelConfig(base_path, dtype="float32", device="cpu", attn_implementation="eager"),
+        out=None,
+        method="sft" if arm == "sft" else "dpo",
+        sources=list(ARM_SOURCES[arm]) if ARM_SOURCES[arm] else None,
+        finetune=config.finetune,
+        lora=LoraSettings(r=config.lora_r, alpha=2 * config.lora_r, dropout=0.0, merge=True),
+        loss=LossSettings(
+            beta=config.beta,
+            rpo_alpha=config.rpo_alpha,
+            average_log_prob=config.average_log_prob,
+        ),
+        lr=config.lr,
+        warmup_ratio=config.warmup_ratio,
+        epochs=10**6,  # the step count decides
+        max_steps=config.steps,
+        batch_size=config.batch_size,
+        seed=seed,
+        trackers=[],
+    )
+
+
+def arm_pairs(arm: str, pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
+    sources = ARM_SOURCES[arm]
+    return [p for p in pairs if sources is None or p.source in sources]
+
+
+def train_arm(
+    base: Any,
+    processor: Any,
+    pairs: Sequence[PreferencePair],
+    images: Mapping[str, Image.Image],
+    arm: str,
+    seed: int,
+    config: ArmsConfig,
+    base_path: str,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> tuple[Any, list[dict]]:
+    """(trained model, metrics history) of one arm and seed; `base` itself is left untouched."""
+    model = copy.deepcopy(base)  # peft adapts a model in place
+    result = train(
+        arm_train_config(arm, seed, config, base_path),
+        model,
+        processor,
+        arm_pairs(arm, pairs),
+        images,
+        on_step=on_step,
+        log=lambda _msg: None,
+    )
+    return result.model, result.history
+
+
+def summarize(per_seed: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean of every numeric metric over the seeds, their sample std under `std`, and the seeds."""
+    names = [k for k, v in per_seed[0].items() if isinstance(v, int | float)]
+    means = {k: sum(run[k] for run in per_seed) / len(per_seed) for k in names}
+    spread: dict[str, float] = {}
+    if len(per_seed) > 1:
+        for k in names:
+            var = sum((run[k] - means[k]) ** 2 for run in per_seed) / (len(per_seed) - 1)
+            spread[k] = math.sqrt(var)
+    return {**means, "std": spread, "per_seed": per_seed}
+
+
+@dataclass
+class ArmRun:
+    """One trained arm and seed: its evaluation metrics, answers and training history."""
+
+    arm: str
+    seed: int
+    metrics: dict[str, float]
+    answers: list[str]
+    history: list[dict] = field(default_factory=list)
