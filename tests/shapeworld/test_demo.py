@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bpo.models.load import load_model_and_processor
+from bpo.shapeworld.arms import ArmsConfig
 from bpo.shapeworld.demo import (
     DemoConfig,
     StageConfig,
@@ -17,7 +18,6 @@ from bpo.shapeworld.demo import (
     pixel_tensor,
     run_demo,
 )
-from bpo.shapeworld.arms import ArmsConfig
 from bpo.shapeworld.metrics import hallucination_metrics
 from bpo.shapeworld.negatives import NegativesConfig
 from bpo.shapeworld.world import CAPTION_PROMPTS, caption
@@ -163,7 +163,7 @@ def test_bootstrapped_pairs_and_their_statistics(demo_run):
 def test_trained_arms_are_written_per_seed_with_their_means(demo_run):
     """Every arm x seed has its answers file; its metrics are those answers' metrics, and the
     arm's top-level numbers are the means over the seeds."""
-    out, results, _ = demo_run
+    out, _, _ = demo_run
     scenes = build_world(mini_config()).eval_scenes
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["seeds"] == [0, 1]
