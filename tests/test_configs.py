@@ -30,12 +30,27 @@ def test_shipped_demo_config_is_the_default_run():
     parser = ArgumentParser()
     parser.add_argument("--out", type=str)
     parser.add_argument("--run", type=DemoConfig)
+    parser.add_argument("--full", type=bool)
     parsed = parser.parse_path(str(CONFIGS / "shapeworld-demo.yaml"))
     run = parser.instantiate(parsed).run
     assert run == DemoConfig()
 
 
-TRAIN_CONFIGS = sorted((CONFIGS / "train").glob("*.yaml")) + sorted(CONFIGS.glob("*-bpo.yaml"))
+RECIPES = sorted(CONFIGS.glob("*-bpo.yaml"))
+TRAIN_CONFIGS = sorted((CONFIGS / "train").glob("*.yaml")) + RECIPES
+
+
+def stage_config(path: Path, stage: str) -> dict:
+    """What `bpo STAGE --config PATH` reads, or `bpo STAGE --recipe PATH` for a recipe."""
+    raw = yaml.safe_load(path.read_text())
+    return raw[stage] if path in RECIPES else raw
+
+
+def parse_stage(path: Path, stage: str, schema: type):
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--out", type=str)
+    parser.add_argument("--run", type=schema)
+    return parser.instantiate(parser.parse_object(stage_config(path, stage))).run
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
@@ -43,15 +58,28 @@ def test_train_configs_match_the_train_schema(path):
     """Each parses as `bpo train` reads it: every key known, every value of its field's type."""
     from bpo.train.config import TrainConfig, check_config
 
-    parser = ArgumentParser()
-    parser.add_argument("--run", type=TrainConfig)
-    raw = yaml.safe_load(path.read_text())
+    raw = stage_config(path, "train")
     known = {f.name for f in fields(TrainConfig)}
     assert set(raw["run"]) <= known, f"{path.name}: unknown keys {set(raw['run']) - known}"
-    run = parser.instantiate(parser.parse_path(str(path))).run
+    run = parse_stage(path, "train", TrainConfig)
     check_config(run)
     assert run.model.trust_remote_code is False
     assert run.pairs and run.image_root
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_bootstrap_and_eval_sections_match_their_schemas(path):
+    """A recipe's `bootstrap:` and `eval:` sections parse as those verbs read them."""
+    from bpo.bootstrap.run import BootstrapConfig
+    from bpo.evaluate.runner import EvalConfig
+    from bpo.evaluate.runner import check_config as check_eval
+
+    assert set(yaml.safe_load(path.read_text())) == {"bootstrap", "train", "eval"}
+    boot = parse_stage(path, "bootstrap", BootstrapConfig)
+    assert boot.model.trust_remote_code is False and boot.data and boot.image_root
+    evaluate = parse_stage(path, "eval", EvalConfig)
+    check_eval(evaluate)
+    assert evaluate.judge.api_key_env == "OPENAI_API_KEY"
 
 
 def test_paper_configs_spell_out_the_papers_recipe():
@@ -59,10 +87,8 @@ def test_paper_configs_spell_out_the_papers_recipe():
     bf16, max length 2048, 32 pairs per step on 8 GPUs."""
     from bpo.train.config import TrainConfig
 
-    parser = ArgumentParser()
-    parser.add_argument("--run", type=TrainConfig)
     for size in ("7b", "13b"):
-        run = parser.instantiate(parser.parse_path(str(CONFIGS / f"llava-1.5-{size}-bpo.yaml"))).run
+        run = parse_stage(CONFIGS / f"llava-1.5-{size}-bpo.yaml", "train", TrainConfig)
         assert run.model.name_or_path == f"llava-hf/llava-1.5-{size}-hf"
         assert (run.lora.r, run.lora.alpha, run.lora.dropout) == (32, 256, 0.05)
         assert (run.lr, run.loss.beta, run.epochs, run.scheduler) == (2e-6, 0.1, 2, "cosine")

@@ -3,13 +3,19 @@
 The functions' signatures are the CLI (jsonargparse): type hints and defaults become flags, nested
 dataclasses become dotted flags (`--config.lm.steps 400`), and `--config FILE.yaml` reads the same
 schema from YAML. `bpo VERB --print_config` prints a complete YAML to start from.
+
+A recipe (configs/llava-1.5-7b-bpo.yaml) holds the configs of the stages side by side, under
+`bootstrap:`, `train:` and `eval:`; `bpo bootstrap|refs|train|eval --recipe FILE` reads the verb's
+section as its `--config`, and flags after it override it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,28 +28,61 @@ from bpo.shapeworld.world import WorldConfig
 from bpo.train.config import TrainConfig
 
 
-def demo(out: Path = Path("runs/demo"), run: DemoConfig = DemoConfig()) -> None:  # noqa: B008
-    """ShapeWorld end to end on a CPU: world, base model, its hallucination, bootstrapped pairs.
+def demo(
+    out: Path = Path("runs/demo"),
+    run: DemoConfig = DemoConfig(),  # noqa: B008
+    full: bool = False,
+) -> None:
+    """ShapeWorld end to end on a CPU: base model, bootstrapped pairs, SFT vs BPO, measured.
+
+    Builds a world with a strong text prior and its aligned base model, bootstraps BPO's pairs
+    from it, trains the SFT and BPO arms (and the ablations) from the base on the same positives
+    with the same steps, and evaluates every arm on held-out scenes (CHAIR, recall, POPE).
 
     Args:
-        out: output folder (results.json, the base model, cached pretrained weights).
-        run: the run's configuration (seeds, world, model sizes, training stages).
+        out: output folder (results.json, report, models, answers, pairs, cached pretraining).
+        run: the run's configuration (seeds, world, model sizes, stages, arms).
+        full: also the world seeds of run.full_world_seeds (a world and base model each), every
+            seed for the ablation arms, and a noise-step sweep (run.full_noise_steps); slow.
     """
     from bpo.shapeworld.demo import run_demo
     from bpo.utils.console import console, print_metrics_table, print_negatives_table
 
     started = time.time()
+    if full:
+        run = replace(run, full_run=True)
     results = run_demo(run, Path(out), log=console.log)
     print_metrics_table(results["arms"])
-    print_negatives_table(results["negatives"])
-    checks = results["checks"]["base"]
-    verdict = (
-        "reproduced"
-        if all(v for k, v in checks.items() if k != "partner_ratio")
-        else "NOT reproduced"
-    )
-    console.print(f"prior-driven hallucination {verdict}: {checks}")
+    if run.full_run:  # negatives per world
+        for world, negatives in results["negatives"].items():
+            console.print(world)
+            print_negatives_table(negatives)
+    else:
+        print_negatives_table(results["negatives"])
+    for name, checks in results["checks"].items():
+        verdict = (
+            "reproduced"
+            if all(v for k, v in checks.items() if k != "partner_ratio")
+            else "NOT reproduced"
+        )
+        console.print(f"prior-driven hallucination ({name}) {verdict}: {checks}")
+    console.print(claim_sentence(results["claim"]))
     console.print(f"wrote {Path(out) / 'results.json'} in {time.time() - started:.0f}s")
+
+
+def claim_sentence(claim: dict) -> str:
+    """The paper's claim, as this run measured it, in one sentence."""
+    if claim.get("holds") is None:
+        return f"BPO vs SFT: not compared ({claim.get('reason')})"
+    c, r = claim["chair_i"], claim["recall"]
+    numbers = (
+        f"CHAIR_i base {c['base']:.4f}, SFT {c['sft']:.4f}, BPO {c['bpo']:.4f}; "
+        f"recall SFT {r['sft']:.4f}, BPO {r['bpo']:.4f}"
+    )
+    if claim["holds"]:
+        return f"The claim holds here: BPO hallucinates less than SFT and the base ({numbers})."
+    failed = ", ".join(k for k, v in claim["checks"].items() if not v)
+    return f"The claim does NOT hold here (failed: {failed}) ({numbers})."
 
 
 def shapeworld(
@@ -209,6 +248,8 @@ def train(
     run = replace(run, **{k: v for k, v in overrides.items() if v is not None})
     started = time.time()
     result = run_training(run, resume=resume, log=console.log)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under `accelerate launch`/torchrun every process gets here; one reports
     print(json.dumps({"out": run.out, **{k: v for k, v in result.summary.items() if k != "final"}}))
     console.print(f"trained {result.summary['steps']} steps in {time.time() - started:.0f}s")
 
@@ -272,6 +313,50 @@ def _compare_args(args: list[str]) -> list[str]:
     return args
 
 
+# The section of a recipe (configs/llava-1.5-*-bpo.yaml) each verb reads.
+RECIPE_SECTIONS = {"bootstrap": "bootstrap", "refs": "train", "train": "train", "eval": "eval"}
+
+
+def _recipe_args(args: list[str]) -> list[str]:
+    """`VERB --recipe FILE` as `VERB --config SECTION`: the recipe's section for VERB, as JSON.
+
+    Each section is exactly what the verb's `--config` reads, so flags after `--recipe` override
+    it the same way, and `--print_config` shows the stage's resolved config.
+    """
+    if not args or args[0] not in RECIPE_SECTIONS:
+        return args
+    verb, section, out, i = args[0], RECIPE_SECTIONS[args[0]], [args[0]], 1
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--recipe="):
+            path, i = arg.partition("=")[2], i + 1
+        elif arg == "--recipe":
+            path, i = " ".join(args[i + 1 : i + 2]), i + 2
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        out += ["--config", json.dumps(_recipe_section(Path(path), verb, section))]
+    return out
+
+
+def _recipe_section(path: Path, verb: str, section: str) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise SystemExit(
+            f"bpo {verb}: --recipe {str(path)!r} is not a file; pass a recipe such as configs/llava-1.5-7b-bpo.yaml"
+        )
+    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))  # anchors (&pairs, *pairs) resolved
+    if not isinstance(recipe, dict) or not isinstance(recipe.get(section), dict):
+        sections = ", ".join(recipe) if isinstance(recipe, dict) else "none"
+        raise SystemExit(
+            f"bpo {verb}: recipe {path} has no `{section}:` section (it has: {sections}); "
+            f"`bpo {verb}` reads the `{section}:` section"
+        )
+    return recipe[section]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `bpo` console script."""
     auto_cli(
@@ -287,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
             "export": export,
             "view": view,
         },
-        args=_compare_args(list(argv if argv is not None else sys.argv[1:])),
+        args=_compare_args(_recipe_args(list(argv if argv is not None else sys.argv[1:]))),
         description="bpo: Bootstrapped Preference Optimization for multimodal LLMs.",
     )
 

@@ -39,7 +39,13 @@ def mini_config() -> DemoConfig:
         negatives=NegativesConfig(
             scenes=10, noise_steps=(500, 900), max_new_tokens=8, batch_size=4
         ),
-        training=ArmsConfig(arms=("sft", "bpo", "bpo_inject"), seeds=(0, 1), steps=3, batch_size=4),
+        training=ArmsConfig(
+            arms=("sft", "bpo", "bpo_inject"),
+            seeds=(0, 1),
+            ablation_seeds=(1,),
+            steps=3,
+            batch_size=4,
+        ),
     )
 
 
@@ -168,9 +174,9 @@ def test_trained_arms_are_written_per_seed_with_their_means(demo_run):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["seeds"] == [0, 1]
     assert list(on_disk["arms"]) == ["base", "sft", "bpo", "bpo_inject"]
-    for arm in ("sft", "bpo", "bpo_inject"):
+    for arm, seeds in (("sft", [0, 1]), ("bpo", [0, 1]), ("bpo_inject", [1])):
         runs = on_disk["arms"][arm]["per_seed"]
-        assert [r["seed"] for r in runs] == [0, 1]
+        assert [r["seed"] for r in runs] == seeds
         for run in runs:
             path = out / f"answers-{arm}-s{run['seed']}.jsonl"
             rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -178,8 +184,12 @@ def test_trained_arms_are_written_per_seed_with_their_means(demo_run):
             assert {k: run[k] for k in recomputed} == pytest.approx(recomputed)
             history = (out / "train" / f"{arm}-s{run['seed']}.jsonl").read_text().splitlines()
             assert [json.loads(line)["step"] for line in history] == [1, 2, 3]
-        mean = (runs[0]["chair_i"] + runs[1]["chair_i"]) / 2
+        mean = sum(r["chair_i"] for r in runs) / len(runs)
         assert on_disk["arms"][arm]["chair_i"] == pytest.approx(mean)
+    claim = on_disk["claim"]
+    bpo, sft = on_disk["arms"]["bpo"], on_disk["arms"]["sft"]
+    assert claim["checks"]["bpo_chair_i<sft_chair_i"] == (bpo["chair_i"] < sft["chair_i"])
+    assert claim["holds"] == all(claim["checks"].values())
 
 
 @pytest.mark.slow
@@ -195,3 +205,14 @@ def test_dpo_arms_start_at_log_two_and_sft_has_no_rewards(demo_run):
     assert first["loss"] == pytest.approx(math.log(2) + alpha * first["nll"], rel=1e-5)
     sft = json.loads((out / "train" / "sft-s0.jsonl").read_text().splitlines()[0])
     assert "rewards/margins" not in sft
+
+
+@pytest.mark.slow
+def test_the_demo_writes_its_report(demo_run):
+    """report.html and report.md exist, name every arm, and the page links the pair viewer."""
+    out, results, _ = demo_run
+    html = (out / "report.html").read_text()
+    markdown = (out / "report.md").read_text()
+    for arm in results["arms"]:
+        assert arm in html and arm in markdown
+    assert 'href="pairs.html"' in html and (out / "pairs.html").exists()

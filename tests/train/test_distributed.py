@@ -130,7 +130,8 @@ def test_accelerate_config_loads(path):
 def test_accelerate_config_agrees_with_the_llava_training_config(path, size):
     """The launcher's precision and DeepSpeed's accumulation and clipping match the training
     config's `precision`, `grad_accum` and `max_grad_norm` (the trainer refuses a mismatch)."""
-    run = yaml.safe_load((ROOT / "configs" / f"llava-1.5-{size}-bpo.yaml").read_text())["run"]
+    recipe = yaml.safe_load((ROOT / "configs" / f"llava-1.5-{size}-bpo.yaml").read_text())
+    run = recipe.get("train", recipe)["run"]  # a recipe, or a train config
     launcher = yaml.safe_load(path.read_text())
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[run["precision"]]
     # DDP's file keeps "no": the trainer passes its own precision to Accelerator, which wins.
@@ -140,3 +141,49 @@ def test_accelerate_config_agrees_with_the_llava_training_config(path, size):
         assert deepspeed["gradient_accumulation_steps"] == run["grad_accum"]
         assert deepspeed["gradient_clipping"] == run["max_grad_norm"]
         assert launcher["mixed_precision"] == precision
+
+
+def _fake_deepspeed_accelerator(ds_config: dict, processes: int = 8):
+    """Just what `_check_launch` reads of an accelerator launched with DeepSpeed (none here)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(deepspeed_config=ds_config)
+    return SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED,
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+        num_processes=processes,
+    )
+
+
+def test_deepspeed_settings_are_filled_from_the_training_config(tmp_path):
+    """No DataLoader reaches accelerate, so the trainer fills DeepSpeed's batch sizes: 4 pairs per
+    micro-batch x 2 accumulated x 8 processes = 64 per step."""
+    from bpo.train.trainer import _check_launch
+
+    ds = {"gradient_accumulation_steps": "auto", "gradient_clipping": 1.0,
+          "train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}  # fmt: skip
+    _check_launch(tiny_config(tmp_path, None, batch_size=4, grad_accum=2, max_grad_norm=1.0),
+                  _fake_deepspeed_accelerator(ds))  # fmt: skip
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["train_batch_size"] == 64
+
+
+@pytest.mark.parametrize(
+    ("ds", "overrides", "message"),
+    [
+        ({"gradient_accumulation_steps": 1, "gradient_clipping": 1.0}, {"grad_accum": 4},
+         "gradient_accumulation_steps is 1 but the training config's grad_accum is 4"),
+        ({"gradient_accumulation_steps": 1, "gradient_clipping": 1.0}, {"max_grad_norm": None},
+         "gradient_clipping is 1.0 but the training config's max_grad_norm is None"),
+        ({"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}},
+         {"lora": LoraSettings(merge=True)}, "lora.merge cannot merge"),
+    ],
+)  # fmt: skip
+def test_deepspeed_settings_that_disagree_stop_the_run(tmp_path, ds, overrides, message):
+    from bpo.train.trainer import _check_launch
+
+    config = tiny_config(tmp_path, None, **{"max_grad_norm": 1.0, **overrides})
+    with pytest.raises(ValueError, match=message):
+        _check_launch(config, _fake_deepspeed_accelerator(ds))

@@ -185,6 +185,36 @@ def test_saved_merged_model_loads_back_with_the_same_logits(tiny_llava_folder, f
     assert summary["steps"] == 2 and summary["effective_batch"] == 2
 
 
+def test_an_adapter_save_keeps_a_trained_vision_tower_and_projector(
+    tiny_llava_folder, fresh, tmp_path
+):
+    """LoRA without merging, vision tower and projector trained: the saved adapter, loaded onto
+    the base model with peft, gives the trained model's log-probs (nothing trained is lost)."""
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    model, processor = fresh
+    config = tiny_config(
+        tiny_llava_folder, out, max_steps=2, train_vision_tower=True, projector_lr=1e-2,
+        lora=LoraSettings(r=4, alpha=8, merge=False),
+    )  # fmt: skip
+    result = train(config, model, processor, make_pairs(), make_images(), log=lambda _: None)
+    base, _ = load_model_and_processor(str(tiny_llava_folder), dtype="float32", device="cpu",
+                                       attn_implementation="eager")  # fmt: skip
+    loaded = PeftModel.from_pretrained(base, str(out / "model")).eval()
+    batch = naive_batch(processor, make_pairs())
+    with torch.no_grad():
+        ours, theirs = naive_pair_logps(result.model, batch), naive_pair_logps(loaded, batch)
+        untouched = naive_pair_logps(
+            load_model_and_processor(str(tiny_llava_folder), dtype="float32", device="cpu",
+                                     attn_implementation="eager")[0],
+            batch,
+        )  # fmt: skip
+    assert torch.allclose(ours.chosen, theirs.chosen, atol=1e-5)
+    assert torch.allclose(ours.rejected, theirs.rejected, atol=1e-5)
+    assert not torch.allclose(ours.chosen, untouched.chosen, atol=1e-3)  # it did train
+
+
 def test_truncated_pairs_are_counted(tiny_llava_folder, fresh):
     """max_length = the longest prompt + 3 tokens: exactly the pairs with an answer longer than
     its budget (max_length - its prompt) are cut, and the summary counts each once over 2 epochs."""

@@ -5,7 +5,8 @@ captions, the pairs' chosen answers) and runs the same number of optimizer steps
 learning rate; only the objective and the negatives differ:
 - `sft`: the NLL of the chosen answers (the paper's baseline);
 - `bpo`: DPO on both negative sources (image-weakened and error-injected);
-- `bpo_weaken`, `bpo_inject`: DPO on one source (the ablations).
+- `bpo_weaken`, `bpo_inject`: DPO on one source (the ablations);
+- `bpo_weaken_t{t}`: DPO on the image-weakened negatives of noise step t only (the sweep).
 Each arm is trained once per seed (the seed moves the adapter's initialisation and the data
 order, not the data) and evaluated on the held-out scenes like the base model.
 """
@@ -32,14 +33,23 @@ ARM_SOURCES: dict[str, tuple[str, ...] | None] = {
     "bpo_weaken": ("weaken",),
     "bpo_inject": ("inject",),
 }
+MAIN_ARMS = ("sft", "bpo")  # the comparison the claim is about: every seed, always
+SWEEP_PREFIX = "bpo_weaken_t"  # bpo_weaken_t{t}: weakened negatives of noise step t only
+
+
+def sweep_step(arm: str) -> int | None:
+    """The noise step of a sweep arm (`bpo_weaken_t500` -> 500), else None."""
+    suffix = arm.removeprefix(SWEEP_PREFIX)
+    return int(suffix) if arm.startswith(SWEEP_PREFIX) and suffix.isdigit() else None
 
 
 @dataclass
 class ArmsConfig:
     """How the demo trains its arms; the seeds are fixed here, before the run."""
 
-    arms: tuple[str, ...] = ("sft", "bpo")
-    seeds: tuple[int, ...] = (0,)
+    arms: tuple[str, ...] = ("sft", "bpo", "bpo_weaken", "bpo_inject")
+    seeds: tuple[int, ...] = (0, 1, 2)  # every seed for sft and bpo
+    ablation_seeds: tuple[int, ...] = (0,)  # the other arms (`bpo demo --full true`: all)
     steps: int = 150  # optimizer steps, the same for every arm
     batch_size: int = 16  # pairs per step
     lr: float = 1e-3  # a 0.2M-parameter model needs a far larger step than a 7B one
@@ -53,12 +63,26 @@ class ArmsConfig:
     warmup_ratio: float = 0.05
 
 
-def check_arms(config: ArmsConfig) -> None:
-    unknown = [arm for arm in config.arms if arm not in ARM_SOURCES]
-    if unknown:
-        raise ValueError(f"unknown arm(s) {unknown}; choose from {', '.join(ARM_SOURCES)}")
-    if not config.seeds:
-        raise ValueError("arms.seeds is empty; give at least one seed")
+def check_arms(config: ArmsConfig, noise_steps: Sequence[int]) -> None:
+    """Refuse unknown arms, sweep arms of steps the negatives do not have, and empty seeds."""
+    for arm in config.arms:
+        step = sweep_step(arm)
+        if arm not in ARM_SOURCES and step is None:
+            raise ValueError(
+                f"unknown arm {arm!r}; choose from {', '.join(ARM_SOURCES)} or "
+                f"{SWEEP_PREFIX}T for a noise step T of negatives.noise_steps"
+            )
+        if step is not None and step not in noise_steps:
+            raise ValueError(
+                f"arm {arm!r} needs weakened negatives at step {step}, but negatives.noise_steps "
+                f"is {list(noise_steps)}; add {step} there"
+            )
+    if not config.seeds or not config.ablation_seeds:
+        raise ValueError("training.seeds and training.ablation_seeds need at least one seed each")
+
+
+def arm_seeds(arm: str, config: ArmsConfig) -> tuple[int, ...]:
+    return config.seeds if arm in MAIN_ARMS else config.ablation_seeds
 
 
 def arm_train_config(arm: str, seed: int, config: ArmsConfig, base_path: str) -> TrainConfig:
@@ -67,7 +91,7 @@ def arm_train_config(arm: str, seed: int, config: ArmsConfig, base_path: str) ->
         model=ModelConfig(base_path, dtype="float32", device="cpu", attn_implementation="eager"),
         out=None,
         method="sft" if arm == "sft" else "dpo",
-        sources=list(ARM_SOURCES[arm]) if ARM_SOURCES[arm] else None,
+        sources=None,  # `arm_pairs` selects them
         finetune=config.finetune,
         lora=LoraSettings(r=config.lora_r, alpha=2 * config.lora_r, dropout=0.0, merge=True),
         loss=LossSettings(
@@ -86,6 +110,10 @@ def arm_train_config(arm: str, seed: int, config: ArmsConfig, base_path: str) ->
 
 
 def arm_pairs(arm: str, pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
+    """The pairs an arm trains on (SFT uses their chosen answers only)."""
+    step = sweep_step(arm)
+    if step is not None:
+        return [p for p in pairs if p.source == "weaken" and p.meta.get("noise_step") == step]
     sources = ARM_SOURCES[arm]
     return [p for p in pairs if sources is None or p.source in sources]
 
@@ -117,7 +145,8 @@ def train_arm(
 
 def summarize(per_seed: list[dict[str, float]]) -> dict[str, Any]:
     """Mean of every numeric metric over the seeds, their sample std under `std`, and the seeds."""
-    names = [k for k, v in per_seed[0].items() if isinstance(v, int | float)]
+    ids = ("seed", "world")  # which run it was, not a metric
+    names = [k for k, v in per_seed[0].items() if isinstance(v, int | float) and k not in ids]
     means = {k: sum(run[k] for run in per_seed) / len(per_seed) for k in names}
     spread: dict[str, float] = {}
     if len(per_seed) > 1:

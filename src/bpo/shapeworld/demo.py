@@ -25,7 +25,7 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +45,9 @@ from bpo.evaluate.pope import (
 )
 from bpo.models.load import load_model_and_processor
 from bpo.models.tiny import TinyLlavaConfig, build_tiny_llava, save_tiny_llava
+from bpo.report.demo_report import write_report
 from bpo.shapeworld import train
-from bpo.shapeworld.arms import ArmsConfig, check_arms, summarize, train_arm
+from bpo.shapeworld.arms import ArmsConfig, arm_seeds, check_arms, summarize, sweep_step, train_arm
 from bpo.shapeworld.metrics import hallucination_metrics
 from bpo.shapeworld.negatives import NegativesConfig, bootstrap_pairs
 from bpo.shapeworld.world import (
@@ -84,7 +85,7 @@ class DemoConfig:
     corpus_size: int = 20000  # text-only captions carrying the co-occurrence prior
     tower_scenes: int = 4000  # images for the vision tower's pretraining
     align_scenes: int = 3000  # the unbiased image-text alignment set
-    eval_scenes: int = 1000  # held-out scenes for the hallucination metrics
+    eval_scenes: int = 2000  # held-out scenes for the hallucination metrics
     qa_fraction: float = 0.3  # share of alignment examples that are questions, not captions
     lm: StageConfig = field(default_factory=lambda: StageConfig(800, 64, 3e-3))
     tower: StageConfig = field(default_factory=lambda: StageConfig(400, 64, 2e-3))
@@ -101,6 +102,11 @@ class DemoConfig:
     training: ArmsConfig = field(default_factory=ArmsConfig)  # the SFT and BPO arms
     eval_batch_size: int = 100
     threads: int = 1  # torch threads; see `choose_threads`
+    # `bpo demo --full true`: the whole run once per world seed (each its own world and base
+    # model), every arm on every seed, and a noise-step sweep (negatives and a BPO arm per step).
+    full_run: bool = False
+    full_world_seeds: tuple[int, ...] = (0, 1, 2)
+    full_noise_steps: tuple[int, ...] = (100, 300, 500, 700, 900)
 
 
 def choose_threads(requested: int) -> int:
@@ -368,7 +374,18 @@ def check_base(metrics: dict) -> dict:
 
 
 def run_demo(cfg: DemoConfig, out: Path, log=print) -> dict:
-    """Run the demo end to end and write OUT/results.json; returns the results."""
+    """Run the demo end to end and write OUT/results.json; returns the results.
+
+    With `cfg.full_run`, one run per world seed under OUT/world{seed}, gathered in OUT/results.json.
+    """
+    check_arms(cfg.training, cfg.negatives.noise_steps)
+    if cfg.full_run:
+        return run_full(cfg, out, log)
+    return run_world(cfg, out, log)
+
+
+def run_world(cfg: DemoConfig, out: Path, log=print) -> dict:
+    """One world: base model, negatives, the trained arms, their evaluation; OUT/results.json."""
     started = time.time()
     torch.set_num_threads(choose_threads(cfg.threads))
     transformers.utils.logging.disable_progress_bar()  # our own bars; no per-save shard bars
@@ -393,6 +410,7 @@ def run_demo(cfg: DemoConfig, out: Path, log=print) -> dict:
     results = {
         "arms": arms,
         "seeds": list(cfg.training.seeds),
+        "claim": claim(arms),
         "checks": {"base": check_base(metrics)},
         "negatives": negatives,
         "config": asdict(cfg),
@@ -400,6 +418,8 @@ def run_demo(cfg: DemoConfig, out: Path, log=print) -> dict:
         "wall_s": round(time.time() - started, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    html, markdown = write_report(out, results, world.eval_scenes, cfg.world)
+    log(f"report: {html} (markdown: {markdown})")
     return results
 
 
@@ -419,14 +439,13 @@ def train_arms(base, processor, cfg: DemoConfig, world: World, out: Path, log) -
     Writes OUT/answers-{arm}-s{seed}.jsonl and the training metrics OUT/train/{arm}-s{seed}.jsonl.
     """
     training = cfg.training
-    check_arms(training)
     pairs = list(read_pairs(out / "pairs"))
     images = {p.image: Image.open(out / p.image).convert("RGB") for p in pairs}
     (out / "train").mkdir(exist_ok=True)
     results = {}
     for arm in training.arms:
         per_seed = []
-        for seed in training.seeds:
+        for seed in arm_seeds(arm, training):
             t0 = time.time()
             with progress_bar(f"training {arm} (seed {seed})", training.steps) as advance:
                 model, history = train_arm(
@@ -443,3 +462,72 @@ def train_arms(base, processor, cfg: DemoConfig, world: World, out: Path, log) -
             per_seed.append({"seed": seed, **metrics})
         results[arm] = summarize(per_seed)
     return results
+
+
+def full_config(cfg: DemoConfig, world_seed: int) -> DemoConfig:
+    """One world of the full run: every arm on every seed, and a BPO arm per noise step."""
+    steps = tuple(cfg.full_noise_steps)
+    sweep = tuple(f"bpo_weaken_t{t}" for t in steps)
+    arms = tuple(a for a in cfg.training.arms if sweep_step(a) is None) + sweep
+    training = replace(cfg.training, arms=arms, ablation_seeds=cfg.training.seeds)
+    negatives = replace(cfg.negatives, noise_steps=steps)
+    return replace(cfg, seed=world_seed, full_run=False, training=training, negatives=negatives)
+
+
+def run_full(cfg: DemoConfig, out: Path, log=print) -> dict:
+    """Every world seed in its own folder; OUT/results.json pools the arms over worlds x seeds."""
+    started = time.time()
+    worlds = {}
+    for world_seed in cfg.full_world_seeds:
+        log(f"world seed {world_seed}")
+        worlds[world_seed] = run_world(
+            full_config(cfg, world_seed), out / f"world{world_seed}", log
+        )
+    arms: dict[str, dict] = {}
+    for arm in worlds[cfg.full_world_seeds[0]]["arms"]:
+        runs = [
+            {"world": w, **run}
+            for w, result in worlds.items()
+            for run in result["arms"][arm]["per_seed"]
+        ]
+        arms[arm] = summarize(runs)
+    results = {
+        "arms": arms,
+        "seeds": list(cfg.training.seeds),
+        "world_seeds": list(cfg.full_world_seeds),
+        "claim": claim(arms),
+        "checks": {f"base_world{w}": r["checks"]["base"] for w, r in worlds.items()},
+        "negatives": {f"world{w}": r["negatives"] for w, r in worlds.items()},
+        "config": asdict(cfg),
+        "versions": versions(),
+        "wall_s": round(time.time() - started, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    html, markdown = write_report(out, results)
+    log(f"report: {html} (markdown: {markdown})")
+    return results
+
+
+RECALL_SLACK = 0.02  # bpo may lose at most this much recall to sft (issue #6)
+
+
+def claim(arms: dict[str, dict]) -> dict:
+    """Whether the paper's claim holds here, as measured: BPO's mean CHAIR_i below SFT's, below
+    the base model's in every seed, with recall at most RECALL_SLACK under SFT's."""
+    if "bpo" not in arms or "sft" not in arms:
+        return {"holds": None, "reason": "needs the bpo and sft arms"}
+    bpo, sft, base = arms["bpo"], arms["sft"], arms["base"]
+    bases = {run.get("world"): run["chair_i"] for run in base["per_seed"]}
+    checks = {
+        "bpo_chair_i<sft_chair_i": bpo["chair_i"] < sft["chair_i"],
+        "bpo_chair_i<base_chair_i_every_seed": all(
+            run["chair_i"] < bases[run.get("world")] for run in bpo["per_seed"]
+        ),
+        "bpo_recall>=sft_recall-0.02": bpo["recall"] >= sft["recall"] - RECALL_SLACK,
+    }
+    return {
+        "holds": all(checks.values()),
+        "checks": checks,
+        "chair_i": {"base": base["chair_i"], "sft": sft["chair_i"], "bpo": bpo["chair_i"]},
+        "recall": {"base": base["recall"], "sft": sft["recall"], "bpo": bpo["recall"]},
+    }

@@ -1,8 +1,8 @@
 """The `bpo train` schema: one dataclass tree read by the CLI, the YAML configs and Python alike.
 
 Defaults follow the paper's LLaVA-1.5 recipe where it has one (LoRA r=32, alpha=256, dropout 0.05,
-lr 2e-6, beta 0.1, 2 epochs, cosine schedule with 3% warmup); configs/llava-1.5-*-bpo.yaml spell
-it out, configs/train/shapeworld.yaml scales it down to a CPU.
+lr 2e-6, beta 0.1, 2 epochs, cosine schedule with 3% warmup); the `train:` section of the recipes
+configs/llava-1.5-*-bpo.yaml spells it out, configs/train/shapeworld.yaml scales it down to a CPU.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class LossSettings:
 
 @dataclass
 class TrainConfig:
-    """A `bpo train` run: the `run:` section of configs/train/*.yaml and configs/*-bpo.yaml."""
+    """A `bpo train` run: `run:` in configs/train/*.yaml, `train: run:` in configs/*-bpo.yaml."""
 
     model: ModelConfig  # the starting model; also the frozen reference
     pairs: str | None = None  # pair store folder (`bpo bootstrap` output); None in the Python API

@@ -39,8 +39,8 @@ Run:
     bpo train --config configs/train/shapeworld.yaml
     bpo train --config configs/train/shapeworld.yaml --method sft --out runs/train/sft
     bpo train --config configs/train/shapeworld.yaml --resume true     # after a kill
-    # 8 GPUs with C = configs/llava-1.5-7b-bpo.yaml: DDP, or the paper's DeepSpeed ZeRO-2
-    accelerate launch --config_file configs/accelerate/ddp.yaml -m bpo.cli train --config C
+    # 8 GPUs, R = configs/llava-1.5-7b-bpo.yaml: DDP, or the paper's DeepSpeed ZeRO-2
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m bpo.cli train --recipe R
     accelerate launch --config_file configs/accelerate/deepspeed-zero2.yaml -m bpo.cli train ...
     torchrun --nproc_per_node 2 -m bpo.cli train --config X.yaml    # DDP on CPUs too (gloo)
 """
@@ -264,15 +264,17 @@ def setup_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
     else:
         from peft import LoraConfig, get_peft_model
 
+        # A trained projector or vision tower is saved with the adapter (and merged with it);
+        # otherwise an adapter-only save would silently drop its training.
+        saved = [projector] if config.projector_lr is not None else []
+        if config.train_vision_tower and vision is not None:
+            saved.append(vision)
         lora = LoraConfig(
             r=config.lora.r,
             lora_alpha=config.lora.alpha,
             lora_dropout=config.lora.dropout,
             target_modules=lora_target_regex(model, config.lora.target_modules),
-            # A trained projector is saved with the adapter (and merged with it).
-            modules_to_save=[projector.rsplit(".", 1)[-1]]
-            if config.projector_lr is not None
-            else None,
+            modules_to_save=[name.rsplit(".", 1)[-1] for name in saved] or None,
         )
         with warnings.catch_warnings():
             # peft reads transformers' deprecated `is_gradient_checkpointing`; not ours to fix.
@@ -284,7 +286,7 @@ def setup_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
                 param.requires_grad_(True)
     if config.train_vision_tower and vision is not None:
         for name, param in model.named_parameters():
-            if _in_component(name, vision):
+            if _in_component(name, vision) and "original_module" not in name:
                 param.requires_grad_(True)
     return model
 
