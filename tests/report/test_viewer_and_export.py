@@ -58,6 +58,26 @@ def test_viewer_escapes_all_text_and_embeds_the_image(tmp_path, capsys):
     assert "&quot;noise_step&quot;: 900" in page
 
 
+def test_viewer_takes_each_source_and_noise_step_in_turn():
+    """A store written group by group (weaken t100 x3, weaken t900 x3, inject x2): a limit of 5
+    shows t100, t900, inject, t100, t900 — not the first five pairs, which are one kind."""
+    from bpo.report.viewer import spread_pairs
+
+    def pair(i, source, step):
+        meta = {"noise_step": step} if step is not None else {}
+        return PreferencePair(f"p{i}", None, [{"role": "user", "content": "q"}], "a", "b",
+                              source=source, meta=meta)  # fmt: skip
+
+    store = [pair(i, "weaken", 100) for i in range(3)]
+    store += [pair(i, "weaken", 900) for i in range(3, 6)]
+    store += [pair(i, "inject", None) for i in range(6, 8)]
+    shown = spread_pairs(store, limit=5)
+    assert [p.id for p in shown] == ["p0", "p3", "p6", "p1", "p4"]
+    assert [p.id for p in spread_pairs(store, limit=100)] == [
+        "p0", "p3", "p6", "p1", "p4", "p7", "p2", "p5",
+    ]  # fmt: skip
+
+
 def test_viewer_reports_an_image_outside_the_root_instead_of_reading_it(tmp_path):
     from bpo.report.viewer import pair_html
 

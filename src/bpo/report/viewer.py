@@ -11,7 +11,8 @@ import base64
 import html
 import io
 import json
-from itertools import islice
+from collections.abc import Iterable
+from itertools import islice, zip_longest
 from pathlib import Path
 
 from bpo.data.images import ImageError, load_image, resolve_image_path
@@ -66,23 +67,44 @@ def pair_html(pair: PreferencePair, image_root: Path | None, size: int = 256) ->
     )
 
 
+def _group(pair: PreferencePair) -> tuple[str, str]:
+    """What made the negative: its source and, for weakened ones, the noise step."""
+    return pair.source, str(pair.meta.get("noise_step", ""))
+
+
+def spread_pairs(pairs: Iterable[PreferencePair], limit: int) -> list[PreferencePair]:
+    """Up to `limit` pairs taken in turn from each (source, noise step) group, in store order.
+
+    A store is written group by group, so its first pairs are all of one kind; taking them in
+    turn shows every source and noise step. Holds at most `limit` pairs per group in memory.
+    """
+    groups: dict[tuple[str, str], list[PreferencePair]] = {}
+    for pair in pairs:
+        group = groups.setdefault(_group(pair), [])
+        if len(group) < limit:
+            group.append(pair)
+    rounds = zip_longest(*groups.values())
+    return list(islice((p for turn in rounds for p in turn if p is not None), limit))
+
+
 def write_pair_viewer(
     pairs_dir: str | Path,
     out: str | Path,
     image_root: str | Path | None = None,
     limit: int = 500,
 ) -> Path:
-    """Write an HTML page with the first `limit` pairs of a store; returns its path."""
+    """Write an HTML page with up to `limit` pairs of a store, every source and noise step in
+    turn (see `spread_pairs`); returns its path."""
     pairs_dir, out = Path(pairs_dir), Path(out)
     root = Path(image_root) if image_root is not None else None
     manifest = read_manifest(pairs_dir)
     counts = manifest.get("counts", {})
-    body = "".join(pair_html(p, root) for p in islice(read_pairs(pairs_dir), limit))
+    body = "".join(pair_html(p, root) for p in spread_pairs(read_pairs(pairs_dir), limit))
     page = (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>bpo pairs: {html.escape(str(pairs_dir))}</title><style>{STYLE}</style></head>"
         f"<body><h1>Preference pairs</h1><p class='meta'>{html.escape(str(pairs_dir))} · "
-        f"{html.escape(json.dumps(counts))} · first {limit} shown</p>{body}</body></html>"
+        f"{html.escape(json.dumps(counts))} · up to {limit} shown, each source and noise step in turn</p>{body}</body></html>"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
