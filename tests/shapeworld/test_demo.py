@@ -151,13 +151,16 @@ def test_bootstrapped_pairs_and_their_statistics(demo_run):
     out, results, _ = demo_run
     scenes = build_world(mini_config()).align_scenes[:10]
     pairs = list(read_pairs(out / "pairs"))
+    by_id = {f"sw{i:06d}": s for i, s in enumerate(scenes)}
+    ratio = mini_config().negatives.max_length_ratio
     for t in (500, 900):
         weak = [p for p in pairs if p.source == "weaken" and p.meta["noise_step"] == t]
-        assert [p.chosen for p in weak] == [caption(s) for s in scenes]
-        stats = negative_stats([p.rejected for p in weak], scenes)
+        kept = [by_id[p.id] for p in weak]  # the length filter may drop some scenes' negatives
+        assert [p.chosen for p in weak] == [caption(s) for s in kept]
+        assert ratio is None or all(p.rejected_tokens <= ratio * p.chosen_tokens for p in weak)
+        stats = negative_stats([p.rejected for p in weak], kept)
         assert results["negatives"][f"weaken_t{t}"] == pytest.approx(stats)
     injected = [p for p in pairs if p.source == "inject"]
-    by_id = {f"sw{i:06d}": s for i, s in enumerate(scenes)}
     inject_stats = results["negatives"]["inject"]
     assert inject_stats["accepted"] == len(injected)
     assert inject_stats["accepted"] + sum(inject_stats["rejected"].values()) == 10

@@ -30,11 +30,18 @@ class NegativesConfig:
     """How the demo bootstraps pairs from its alignment set."""
 
     scenes: int = 500  # alignment scenes whose gold captions are the positives
-    # weaken at each step (sigmoid schedule; the paper uses t = 900): stats per step, pairs for all
-    noise_steps: tuple[int, ...] = (100, 500, 900)
+    # weaken at each step (sigmoid schedule; the paper uses t = 900): stats per step, pairs for all.
+    # Moderate steps: here t <= 300 leaves the image half legible, so the model's own captions
+    # carry its text prior (partner share ~0.5-0.55, chance ~0.34); at t = 900 the image is gone,
+    # the captions ramble (twice the gold's length) and the partner share is at chance.
+    noise_steps: tuple[int, ...] = (100, 300, 500)
     temperature: float = 1.0
     max_new_tokens: int = 40
     batch_size: int = 64
+    # Keep a weakened negative only if its token count is at most this multiple of its gold
+    # caption's (None: keep all). Noised images make long rambling captions, and DPO against long
+    # negatives teaches the model to say less (recall falls) rather than to look.
+    max_length_ratio: float | None = 1.5
 
 
 STATS_KEYS = ("chair_s", "chair_i", "partner_share", "partner_chance")
@@ -74,6 +81,11 @@ def _pair(index: int, scene: Scene, rejected: str, source: str, meta: dict, toke
     )
 
 
+def _length_ok(pair: PreferencePair, max_ratio: float | None) -> bool:
+    """Whether the rejected answer is at most `max_ratio` times the chosen one (in tokens)."""
+    return max_ratio is None or pair.rejected_tokens <= max_ratio * pair.chosen_tokens
+
+
 def weaken_negatives(model, processor, scenes, wcfg: WorldConfig, cfg: NegativesConfig, t, seed):
     """One sampled caption per scene from its image noised at step `t`."""
     images = [Image.fromarray(render(scene, wcfg)) for scene in scenes]
@@ -104,10 +116,18 @@ def bootstrap_pairs(
     with PairWriter(out, config=config, overwrite=True) as writer:
         for k, t in enumerate(cfg.noise_steps):
             texts, meta = weaken_negatives(model, processor, scenes, wcfg, cfg, t, seed)
-            stats[f"weaken_t{t}"] = negative_stats(texts, scenes)
+            kept_scenes, kept = [], []
             for i, (scene, text) in enumerate(zip(scenes, texts, strict=True)):
-                pair_meta = {**meta, "sample_index": k}
-                writer.write(_pair(i, scene, text, "weaken", pair_meta, tokenizer))
+                pair = _pair(i, scene, text, "weaken", {**meta, "sample_index": k}, tokenizer)
+                if not _length_ok(pair, cfg.max_length_ratio):
+                    writer.count(f"weaken_rejected/t{t}/too_long")
+                    continue
+                writer.write(pair)
+                kept_scenes.append(scene)
+                kept.append(text)
+            # The statistics of the negatives kept, those the pairs hold (the pair store's
+            # manifest counts the dropped ones under weaken_rejected/t{t}/too_long).
+            stats[f"weaken_t{t}"] = negative_stats(kept, kept_scenes)
         counts = InjectionStats()
         vocabulary = InjectionVocabulary.shapeworld()
         accepted_scenes, accepted = [], []
