@@ -219,3 +219,31 @@ def test_the_demo_writes_its_report(demo_run):
     for arm in results["arms"]:
         assert arm in html and arm in markdown
     assert 'href="pairs.html"' in html and (out / "pairs.html").exists()
+
+
+@pytest.mark.slow
+def test_full_run_pools_worlds_and_sweeps_the_noise_step(tmp_path):
+    """--full: one folder per world seed, each with a BPO arm per noise step and every arm on
+    every seed; results.json pools each arm's runs over worlds x seeds (means of those runs)."""
+    from dataclasses import replace
+
+    cfg = replace(
+        mini_config(),
+        full_run=True,
+        full_world_seeds=(0, 1),
+        full_noise_steps=(300, 900),
+        training=ArmsConfig(arms=("sft", "bpo", "bpo_inject"), seeds=(0, 1), steps=2, batch_size=4),
+    )
+    results = run_demo(cfg, tmp_path, log=lambda _: None)
+    assert results["world_seeds"] == [0, 1]
+    arms = ["base", "sft", "bpo", "bpo_inject", "bpo_weaken_t300", "bpo_weaken_t900"]
+    assert list(results["arms"]) == arms
+    for world in (0, 1):
+        per_world = json.loads((tmp_path / f"world{world}" / "results.json").read_text())
+        assert set(per_world["negatives"]) == {"weaken_t300", "weaken_t900", "inject"}
+        assert [r["seed"] for r in per_world["arms"]["bpo_inject"]["per_seed"]] == [0, 1]
+    runs = results["arms"]["bpo_weaken_t300"]["per_seed"]
+    assert [(r["world"], r["seed"]) for r in runs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    mean = sum(r["chair_i"] for r in runs) / 4
+    assert results["arms"]["bpo_weaken_t300"]["chair_i"] == pytest.approx(mean)
+    assert (tmp_path / "report.html").exists() and (tmp_path / "report.md").exists()
