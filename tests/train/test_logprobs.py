@@ -134,6 +134,21 @@ def test_flash_attention_is_refused(llava, pairs, image):
         model.config._attn_implementation = before
 
 
+def test_an_mrope_model_is_scored_by_the_naive_path(llava, pairs, image, monkeypatch):
+    """A model whose config says M-RoPE (Qwen-VL) never takes the packed layout: pair_logps warns
+    and returns exactly naive_pair_logps' values (bit for bit: the naive path ran)."""
+    model, processor = llava
+    batch = _batch(processor, pairs, image)
+    with torch.no_grad():
+        packed = pair_logps(model, batch)
+        monkeypatch.setattr(model.config, "model_type", "qwen2_vl")
+        with pytest.warns(UserWarning, match="M-RoPE"):
+            routed = pair_logps(model, batch)
+        naive = naive_pair_logps(model, batch)
+    assert torch.equal(routed.chosen, naive.chosen) and torch.equal(routed.rejected, naive.rejected)
+    torch.testing.assert_close(packed.chosen, naive.chosen, atol=1e-5, rtol=0)  # same values
+
+
 def test_a_peft_wrapped_model_gives_the_naive_values_and_gradients(llava, pairs, image):
     """LoRA on q/v projections (random, so the adapters matter): packed = naive through peft."""
     peft = pytest.importorskip("peft")

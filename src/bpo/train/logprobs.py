@@ -25,6 +25,7 @@ tensors by keyword (LLaVA and other transformers image-text models do).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,29 @@ def _check_attention(model: Any) -> None:
         )
 
 
+# Families whose rotary positions are 3-D (time, height, width; M-RoPE): given 1-D position ids
+# they copy them to all three axes, so a restarted rejected block would get wrong image-relative
+# positions and wrong log-probs with no error. They take the naive path until the packed layout
+# computes their positions (`get_rope_index`).
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+
+def uses_mrope(model: Any) -> bool:
+    """Whether the model's positions are M-RoPE's 3-D ones (the Qwen-VL families)."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    configs = [config, getattr(config, "text_config", None)]
+    for c in configs:
+        if c is None:
+            continue
+        if getattr(c, "model_type", None) in MROPE_MODEL_TYPES:
+            return True
+        for name in ("rope_scaling", "rope_parameters"):
+            rope = getattr(c, name, None)
+            if isinstance(rope, dict) and "mrope_section" in rope:
+                return True
+    return False
+
+
 def _scored_logits(model: Any, positions: Tensor, **inputs: Any) -> Tensor:
     """(B, K, V) logits at the given (B, K) row positions only, via `logits_to_keep`."""
     logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits
@@ -110,7 +134,17 @@ def _sum_branches(token_logps: Tensor, branch: Tensor) -> PairLogps:
 
 
 def pair_logps(model: Any, batch: PairBatch) -> PairLogps:
-    """Both answers' summed log-probs from one packed row per pair (one vision + prefix pass)."""
+    """Both answers' summed log-probs from one packed row per pair (one vision + prefix pass).
+
+    M-RoPE models (Qwen-VL families) are scored by `naive_pair_logps` instead, with a warning.
+    """
+    if uses_mrope(model):
+        warnings.warn(
+            "this model uses 3-D M-RoPE positions, which the packed layout does not compute yet; "
+            "scoring with the naive batch of two (correct, without the shared-prefix speed-up)",
+            stacklevel=2,
+        )
+        return naive_pair_logps(model, batch)
     _check_attention(model)
     t = batch.tensors
     input_ids = t["input_ids"]
