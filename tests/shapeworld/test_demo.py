@@ -247,3 +247,21 @@ def test_full_run_pools_worlds_and_sweeps_the_noise_step(tmp_path):
     mean = sum(r["chair_i"] for r in runs) / 4
     assert results["arms"]["bpo_weaken_t300"]["chair_i"] == pytest.approx(mean)
     assert (tmp_path / "report.html").exists() and (tmp_path / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_an_arm_without_pairs_is_skipped_and_said(tmp_path):
+    """A length filter that drops every weakened negative leaves bpo_weaken nothing to train on:
+    the run logs it, skips that arm and finishes the others (it does not crash hours in)."""
+    from dataclasses import replace
+
+    cfg = mini_config()
+    cfg = replace(
+        cfg,
+        negatives=replace(cfg.negatives, max_length_ratio=0.01),
+        training=ArmsConfig(arms=("sft", "bpo_weaken"), seeds=(0,), steps=1, batch_size=4),
+    )
+    logs: list[str] = []
+    results = run_demo(cfg, tmp_path, log=logs.append)
+    assert list(results["arms"]) == ["base", "sft"]
+    assert any("bpo_weaken: no pairs to train on" in line for line in logs)

@@ -3,6 +3,7 @@ and the shipped accelerate configs agree with the training configs they launch."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from trainer_helpers import tiny_config, write_store
+from trainer_helpers import make_pairs, tiny_config, write_store
 
 from bpo.train.config import LoraSettings
 from bpo.train.trainer import epoch_batches, train
@@ -109,6 +110,44 @@ def test_two_process_ddp_equals_one_process_accumulating_two(
     assert sorted(a) == sorted(b)
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
+
+
+@pytest.mark.slow
+def test_a_pair_without_its_image_does_not_stall_two_processes(
+    tiny_llava_folder, tmp_path, monkeypatch
+):
+    """SFT from a store where one pair's image is missing, under 2-process DDP with batch 1: the
+    process that draws it still joins every all-reduce (no hang), the pair is reported, and the
+    curves equal one process accumulating 2 micro-batches (which simply skips it)."""
+    pairs = make_pairs()
+    pairs[0] = dataclasses.replace(pairs[0], image="missing.png")
+    store, image_root = write_store(tmp_path / "data", pairs)
+    env = {**os.environ, "BPO_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    common = dict(
+        pairs=str(store), image_root=str(image_root), batch_size=1, epochs=2, lr=1e-3,
+        method="sft", lora=LoraSettings(r=4, alpha=8, dropout=0.0, merge=True),
+    )  # fmt: skip
+    single = tiny_config(tiny_llava_folder, tmp_path / "one", grad_accum=2, **common)
+    ddp = tiny_config(tiny_llava_folder, tmp_path / "ddp", grad_accum=1, **common)
+    monkeypatch.setenv("BPO_CACHE_DIR", env["BPO_CACHE_DIR"])
+    train(single, log=lambda _: None)
+
+    config_file = tmp_path / "ddp.yaml"
+    config_file.write_text(yaml.safe_dump({"run": json.loads(json.dumps(asdict(ddp)))}))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = launch(
+        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "-m", "bpo.cli", "train", "--config", str(config_file)],
+        env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 6
+    assert "p0:weaken:0" in done.stdout
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "ddp")
+    for name in ("loss", "logps/chosen", "grad_norm"):
+        curve_one, curve_two = [line[name] for line in one], [line[name] for line in two]
+        assert curve_two == pytest.approx(curve_one, abs=1e-5), name
 
 
 def _deepspeed_section(path: Path) -> dict:

@@ -242,6 +242,9 @@ def test_settings_change_the_fingerprint(reference, identity):
     assert fingerprint(max_length=64) != base
     assert fingerprint(max_length=64) != fingerprint(max_length=65)
     assert fingerprint(dtype=torch.bfloat16) != base
+    four_bit = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    assert fingerprint(quantization=four_bit) != base  # a QLoRA reference scores differently
+    assert fingerprint(quantization=None) == base
     template = processor.chat_template
     try:
         processor.chat_template = template + " "

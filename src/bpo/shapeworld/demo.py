@@ -47,7 +47,15 @@ from bpo.models.load import load_model_and_processor
 from bpo.models.tiny import TinyLlavaConfig, build_tiny_llava, save_tiny_llava
 from bpo.report.demo_report import write_report
 from bpo.shapeworld import train
-from bpo.shapeworld.arms import ArmsConfig, arm_seeds, check_arms, summarize, sweep_step, train_arm
+from bpo.shapeworld.arms import (
+    ArmsConfig,
+    arm_pairs,
+    arm_seeds,
+    check_arms,
+    summarize,
+    sweep_step,
+    train_arm,
+)
 from bpo.shapeworld.metrics import hallucination_metrics
 from bpo.shapeworld.negatives import NegativesConfig, bootstrap_pairs
 from bpo.shapeworld.world import (
@@ -444,6 +452,10 @@ def train_arms(base, processor, cfg: DemoConfig, world: World, out: Path, log) -
     (out / "train").mkdir(exist_ok=True)
     results = {}
     for arm in training.arms:
+        if not arm_pairs(arm, pairs):
+            # e.g. a sweep step whose every negative the length filter dropped: say so, go on.
+            log(f"{arm}: no pairs to train on (see the pair store's manifest); arm skipped")
+            continue
         per_seed = []
         for seed in arm_seeds(arm, training):
             t0 = time.time()
@@ -484,10 +496,12 @@ def run_full(cfg: DemoConfig, out: Path, log=print) -> dict:
             full_config(cfg, world_seed), out / f"world{world_seed}", log
         )
     arms: dict[str, dict] = {}
-    for arm in worlds[cfg.full_world_seeds[0]]["arms"]:
+    names = dict.fromkeys(arm for result in worlds.values() for arm in result["arms"])
+    for arm in names:  # an arm a world skipped (no pairs) pools the worlds that ran it
         runs = [
             {"world": w, **run}
             for w, result in worlds.items()
+            if arm in result["arms"]
             for run in result["arms"][arm]["per_seed"]
         ]
         arms[arm] = summarize(runs)

@@ -270,13 +270,20 @@ def tokenization_settings(processor: Any, max_length: int | None) -> dict[str, A
 
 
 def reference_fingerprint(
-    identity: dict[str, Any], processor: Any, *, max_length: int | None, dtype: torch.dtype
+    identity: dict[str, Any],
+    processor: Any,
+    *,
+    max_length: int | None,
+    dtype: torch.dtype,
+    quantization: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(fingerprint, its parts): the name of the refs file for this model and these settings.
 
     Args:
         identity: `model_identity(...)` of the reference model.
-        dtype: the dtype the reference runs in.
+        dtype: the dtype the reference's language model runs in.
+        quantization: the model's quantization config (QLoRA's 4-bit reference scores differently
+            from the same weights unquantized), None for none.
     """
     parts = {
         "refs_format": REFS_FORMAT,
@@ -284,7 +291,26 @@ def reference_fingerprint(
         "dtype": str(dtype).removeprefix("torch."),
         **tokenization_settings(processor, max_length),
     }
+    if quantization is not None:  # only then: fingerprints of unquantized models stay as they were
+        parts["quantization"] = quantization
     return _canonical_sha256(parts)[:16], parts
+
+
+def _scoring_dtype(model: Any) -> torch.dtype:
+    """The dtype of the language model's weights (k-bit training upcasts other parts to fp32)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and hasattr(embeddings, "weight"):
+        return embeddings.weight.dtype
+    return next(model.parameters()).dtype
+
+
+def _quantization(model: Any) -> dict[str, Any] | None:
+    """The model's quantization config as plain JSON (None when it is not quantized)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(as_dict, sort_keys=True, default=str))
 
 
 def pair_hash(pair: PreferencePair, image_sha256: str | None) -> str:
@@ -603,9 +629,12 @@ def ensure_reference_logps(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     pairs_dir, image_root = Path(pairs_dir), Path(image_root)
-    dtype = next(model.parameters()).dtype
     fingerprint, parts = reference_fingerprint(
-        model_identity, processor, max_length=max_length, dtype=dtype
+        model_identity,
+        processor,
+        max_length=max_length,
+        dtype=_scoring_dtype(model),
+        quantization=_quantization(model),
     )
     path, meta_path = refs_paths(pairs_dir, fingerprint)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,7 @@ LANGUAGE_NAMES = ("language_model",)
 # Settings that may change between a run and its resume: they do not change what is trained.
 RESUMABLE_CHANGES = ("out", "save_steps", "save_total_limit", "trackers", "num_workers")
 MAX_BAD_MESSAGES = 20
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 
 @dataclass
@@ -524,6 +525,14 @@ class Trainer:
         self.truncated: set[str] = set()
         self.bad: dict[str, str] = {}  # key -> reason
         self.history: list[dict[str, Any]] = []
+        # The metrics every process reduces, in one fixed order: processes must all-reduce
+        # tensors of the same size even when one of them scored no pair in a step.
+        self.metric_names = ["loss", "logps/chosen"]
+        if config.method == "dpo":
+            self.metric_names += [*REWARD_METRICS, "logps/rejected"]
+            if config.loss.rpo_alpha > 0:
+                self.metric_names.append("nll")
+        self.spare: PairBatch | None = None  # the last usable batch (see `_no_pair_loss`)
 
     # -- one optimizer step: forward and backward over `grad_accum` micro-batches ---------------
 
@@ -553,10 +562,13 @@ class Trainer:
                 # The engine steps inside backward when accelerate says "sync" (untested here).
                 self.accelerator.gradient_state._set_sync_gradients(last)
             with sync, self.accelerator.autocast():
-                if collated.batch is None:  # every pair bad: a zero loss keeps DDP in step
-                    loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+                if collated.batch is None:  # every pair of the micro-batch is unusable
+                    loss = self._no_pair_loss()
+                    if loss is None:
+                        continue
                 else:
                     batch = collated.batch.to(self.accelerator.device)
+                    self.spare = batch
                     losses, metrics = self.loss(batch)  # (B,), {name: mean}
                     # The step's loss is the mean over the pairs it planned to see.
                     loss = losses.sum() / planned_pairs
@@ -580,11 +592,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # Means over every pair scored in the step, on all processes.
         device = self.accelerator.device
-        totals = torch.stack([_as_tensor(v).to(device) for v in [*sums.values(), scored]])
+        values = [sums.get(name, 0.0) for name in self.metric_names] + [scored]
+        totals = torch.stack([_as_tensor(v).to(device) for v in values])
         totals = self.accelerator.reduce(totals, "sum").tolist()
         line = {
             name: total / max(totals[-1], 1.0)
-            for name, total in zip(sums, totals[:-1], strict=True)
+            for name, total in zip(self.metric_names, totals[:-1], strict=True)
         }
         line["lr"] = lrs[0]
         if len(lrs) > 1:
@@ -592,6 +605,27 @@ class Trainer:
         if grad_norm is not None:  # DeepSpeed may not report one
             line["grad_norm"] = float(grad_norm)
         return line
+
+    def _no_pair_loss(self) -> Tensor | None:
+        """The loss of a micro-batch with no usable pair: None (skip it) on one process.
+
+        Under DDP every process must run a forward through the wrapped model and a backward, or
+        the gradient all-reduce waits forever; so a usable batch runs, its loss times zero.
+        """
+        if self.accelerator.num_processes == 1:
+            return None
+        if self.spare is None:
+            self.spare = self._first_usable_batch()
+        losses, _ = self.loss(self.spare)
+        return losses.sum() * 0.0
+
+    def _first_usable_batch(self) -> PairBatch:
+        """A batch of the dataset's first pair that encodes (a stand-in with no effect)."""
+        for index in range(len(self.dataset)):
+            collated = self.collate([self.dataset[index]])
+            if collated.batch is not None:
+                return collated.batch.to(self.accelerator.device)
+        raise ValueError("no pair of the training set is usable (see the pairs reported above)")
 
     def _count(self, collated: Collated) -> None:
         for bad in collated.bad:
