@@ -670,7 +670,7 @@ class Trainer:
                     epoch = round(self.epoch + self.micro / len(batches), 6)  # fractional
                     line = {"step": self.step, "epoch": epoch, **line}
                     self._after_step(line, on_step)
-                    advance(self.step, line.get("loss"))
+                    advance(self.step, line.get("loss"), line.get("rewards/accuracies"))
                 if self.micro >= len(batches):
                     self.epoch, self.micro = self.epoch + 1, 0
 

@@ -41,7 +41,7 @@ def print_metrics_table(arms: dict[str, dict]) -> None:
 
 @contextmanager
 def progress_bar(description: str, total: int, enabled: bool = True):
-    """A progress bar with rate and ETA; yields `advance(step, loss=None)` for the loop to call."""
+    """A progress bar with rate and ETA; yields `advance(step, loss=None, accuracy=None)`."""
     if not enabled:
         yield lambda *_args: None
         return
@@ -56,8 +56,10 @@ def progress_bar(description: str, total: int, enabled: bool = True):
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(description, total=total, loss="")
 
-        def advance(_step: int, loss: float | None = None) -> None:
+        def advance(_step: int, loss: float | None = None, accuracy: float | None = None) -> None:
             shown = f"loss {loss:.3f}" if loss is not None else ""
+            if accuracy is not None:  # DPO's rewards/accuracies
+                shown += f" acc {accuracy:.2f}"
             progress.update(task, advance=1, loss=shown)
 
         yield advance
