@@ -211,8 +211,9 @@ def _remove_store_files(directory: Path) -> None:
             path.unlink()
 
 
-def _lock(directory: Path) -> BinaryIO:
-    """Hold an exclusive lock so two writers never interleave lines in one store."""
+def lock_directory(directory: Path, busy: str = "wait for it or choose another --out") -> BinaryIO:
+    """Hold an exclusive lock on `directory` (close the handle to release it), so two writers
+    never interleave lines in one file; `busy` ends the error raised when it is taken."""
     handle = (directory / LOCK).open("ab")
     if fcntl is None:
         return handle
@@ -220,14 +221,13 @@ def _lock(directory: Path) -> BinaryIO:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         handle.close()
-        raise StoreError(
-            f"{directory} is being written by another process; wait for it or choose another --out"
-        ) from exc
+        raise StoreError(f"{directory} is being written by another process; {busy}") from exc
     return handle
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Readers (and a resume after a kill) see the old manifest or the new one, never half of one.
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so readers (and a resume after a kill) see the old file or the new
+    one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         f.write(text)
@@ -284,7 +284,7 @@ class PairWriter:
         self.manifest_interval_s = manifest_interval_s
         self.complete = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_handle = _lock(self.out_dir)
+        self._lock_handle = lock_directory(self.out_dir)
         try:
             self._open(overwrite)
         except BaseException:
@@ -458,7 +458,7 @@ class PairWriter:
         }
 
     def write_manifest(self) -> None:
-        _write_atomic(self.out_dir / MANIFEST, json.dumps(self.manifest(), indent=2) + "\n")
+        write_atomic(self.out_dir / MANIFEST, json.dumps(self.manifest(), indent=2) + "\n")
         self._last_manifest = time.monotonic()
 
     def close(self, complete: bool = False) -> None:

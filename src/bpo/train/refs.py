@@ -55,18 +55,18 @@ import torch
 import bpo
 from bpo.data.images import ImageError, check_image, load_image, resolve_image_path
 from bpo.data.records import PreferencePair
-from bpo.data.store import StoreError, read_pairs, truncate_partial_line
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; one pass per store is then on the user.
-    fcntl = None
+from bpo.data.store import (
+    StoreError,
+    lock_directory,
+    read_pairs,
+    truncate_partial_line,
+    write_atomic,
+)
 
 # Bump when the way pairs become tokens (bpo.train.batch) or the entry format changes: every
 # fingerprint changes with it, so old refs are recomputed rather than reused.
 REFS_FORMAT = 1
 REFS_DIR = "refs"
-LOCK = ".lock"
 FINGERPRINT_RE = re.compile(r"^[0-9a-f]{16}$")
 _CHUNK = 1 << 20
 
@@ -371,15 +371,6 @@ def load_reference_logps(pairs_dir: str | Path, fingerprint: str) -> dict[str, R
     return _read_entries(path)[0]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _entry_line(entry: RefEntry) -> bytes:
     return (json.dumps(asdict(entry), allow_nan=False) + "\n").encode("utf-8")
 
@@ -403,20 +394,13 @@ def _check_meta(meta_path: Path, fingerprint: str, parts: dict[str, Any]) -> Non
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bpo": bpo.__version__,
     }
-    _write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
 
 
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
-    handle = (directory / LOCK).open("ab")
+    handle = lock_directory(directory, busy="wait for that reference pass to finish")
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise StoreError(
-                    f"{directory} is being written by another reference pass; wait for it"
-                ) from exc
         yield
     finally:
         handle.close()
@@ -658,7 +642,7 @@ def ensure_reference_logps(
         if restamped or lines + table.computed != len(table.entries):
             # Superseded lines, pairs gone from the store, or new image stamps: rewrite the file
             # so it holds exactly one line per pair.
-            _write_atomic(
+            write_atomic(
                 path, "".join(_entry_line(e).decode("utf-8") for e in table.entries.values())
             )
     table.pairs = [
