@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -21,6 +22,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -139,7 +142,21 @@ def build_model(
         patch_size=config.patch_size,
         projection_dim=config.vision_hidden_size,
     )
-    text = LlamaConfig(
+    text = tiny_text_config(config, tokenizer)
+    llava = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=config.num_image_tokens,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=config.vision_feature_layer,
+    )
+    return init_tiny_model(LlavaForConditionalGeneration, llava, tokenizer, seed)
+
+
+def tiny_text_config(config: Any, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """The Llama text model of a tiny image-text model, sized by the config's `text_*` fields."""
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.text_hidden_size,
         intermediate_size=config.text_intermediate_size,
@@ -152,18 +169,19 @@ def build_model(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    llava = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=config.num_image_tokens,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=config.vision_feature_layer,
-    )
+
+
+def init_tiny_model(
+    model_class: type[PreTrainedModel],
+    model_config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int,
+) -> PreTrainedModel:
+    """A seeded random model of `model_class`, in eval mode, generating with the tokenizer's ids."""
     # Eager attention: exact and fastest for sequences this short on CPU.
-    llava._attn_implementation = "eager"
+    model_config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(llava)
+    model = model_class(model_config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

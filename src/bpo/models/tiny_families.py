@@ -19,18 +19,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3Processor,
-    LlamaConfig,
     PreTrainedTokenizerFast,
 )
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-from bpo.models.tiny import save_tiny_llava, train_bpe_tokenizer
+from bpo.models.tiny import (
+    init_tiny_model,
+    save_tiny_llava,
+    tiny_text_config,
+    train_bpe_tokenizer,
+)
 
 IDEFICS3_BOS = "<|im_start|>"
 IDEFICS3_EOS = "<end_of_utterance>"
@@ -125,19 +128,7 @@ def build_idefics3_model(
         image_size=config.image_size,
         patch_size=config.patch_size,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.text_hidden_size,
-        intermediate_size=config.text_intermediate_size,
-        num_hidden_layers=config.text_layers,
-        num_attention_heads=config.text_heads,
-        num_key_value_heads=config.text_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    text = tiny_text_config(config, tokenizer)
     idefics3 = Idefics3Config(
         vision_config=vision,
         text_config=text,
@@ -145,14 +136,7 @@ def build_idefics3_model(
         scale_factor=config.scale_factor,
         pad_token_id=tokenizer.pad_token_id,
     )
-    # Eager attention: exact and fastest for sequences this short on CPU.
-    idefics3._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(idefics3)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model.eval()
+    return init_tiny_model(Idefics3ForConditionalGeneration, idefics3, tokenizer, seed)
 
 
 def build_tiny_idefics3(
