@@ -64,19 +64,17 @@ def test_two_processes_see_the_pairs_one_process_accumulates_per_step():
     assert steps_one == steps_two
 
 
-@pytest.mark.slow
-def test_two_process_ddp_equals_one_process_accumulating_two(
-    tiny_llava_folder, tmp_path, monkeypatch
-):
-    """`torchrun --nproc_per_node 2 -m bpo.cli train` (gloo on CPU, batch 1 per process) gives the
-    loss and reward curves, and the final weights, of one process with batch 1 x grad_accum 2: the
-    same 2 pairs per step, DDP averaging the two ranks' gradients where accumulation sums halves.
-    The vision tower trains too: its unused final layer norm needs find_unused_parameters."""
-    store, image_root = write_store(tmp_path / "data")
+def one_and_two_processes(
+    tiny_llava_folder, tmp_path, monkeypatch, pairs=None, **settings
+) -> subprocess.CompletedProcess:
+    """Train the same store twice: in this process with batch 1 x grad_accum 2 (into tmp/one),
+    then under `torchrun --nproc_per_node 2 -m bpo.cli train` with batch 1 each (into tmp/ddp).
+    Returns the torchrun run, asserted successful."""
+    store, image_root = write_store(tmp_path / "data", pairs)
     env = {**os.environ, "BPO_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     common = dict(
         pairs=str(store), image_root=str(image_root), batch_size=1, epochs=2, lr=1e-3,
-        train_vision_tower=True, lora=LoraSettings(r=4, alpha=8, dropout=0.0, merge=True),
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0, merge=True), **settings,
     )  # fmt: skip
     single = tiny_config(tiny_llava_folder, tmp_path / "one", grad_accum=2, **common)
     ddp = tiny_config(tiny_llava_folder, tmp_path / "ddp", grad_accum=1, **common)
@@ -94,6 +92,18 @@ def test_two_process_ddp_equals_one_process_accumulating_two(
         env,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:]
+    return done
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process_accumulating_two(
+    tiny_llava_folder, tmp_path, monkeypatch
+):
+    """`torchrun --nproc_per_node 2 -m bpo.cli train` (gloo on CPU, batch 1 per process) gives the
+    loss and reward curves, and the final weights, of one process with batch 1 x grad_accum 2: the
+    same 2 pairs per step, DDP averaging the two ranks' gradients where accumulation sums halves.
+    The vision tower trains too: its unused final layer norm needs find_unused_parameters."""
+    one_and_two_processes(tiny_llava_folder, tmp_path, monkeypatch, train_vision_tower=True)
 
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["distributed_type"] == "MULTI_CPU"
@@ -121,26 +131,7 @@ def test_a_pair_without_its_image_does_not_stall_two_processes(
     curves equal one process accumulating 2 micro-batches (which simply skips it)."""
     pairs = make_pairs()
     pairs[0] = dataclasses.replace(pairs[0], image="missing.png")
-    store, image_root = write_store(tmp_path / "data", pairs)
-    env = {**os.environ, "BPO_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    common = dict(
-        pairs=str(store), image_root=str(image_root), batch_size=1, epochs=2, lr=1e-3,
-        method="sft", lora=LoraSettings(r=4, alpha=8, dropout=0.0, merge=True),
-    )  # fmt: skip
-    single = tiny_config(tiny_llava_folder, tmp_path / "one", grad_accum=2, **common)
-    ddp = tiny_config(tiny_llava_folder, tmp_path / "ddp", grad_accum=1, **common)
-    monkeypatch.setenv("BPO_CACHE_DIR", env["BPO_CACHE_DIR"])
-    train(single, log=lambda _: None)
-
-    config_file = tmp_path / "ddp.yaml"
-    config_file.write_text(yaml.safe_dump({"run": json.loads(json.dumps(asdict(ddp)))}))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    done = launch(
-        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "-m", "bpo.cli", "train", "--config", str(config_file)],
-        env,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:]
+    done = one_and_two_processes(tiny_llava_folder, tmp_path, monkeypatch, pairs, method="sft")
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 6
     assert "p0:weaken:0" in done.stdout
