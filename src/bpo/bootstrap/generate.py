@@ -178,6 +178,15 @@ def generate_with_config(
         (which holds the engine and its processor; `processor` is then not used).
     max_new_tokens: overrides the config's (a benchmark of one-word answers needs few).
     """
+    settings = dict(
+        max_new_tokens=max_new_tokens or config.max_new_tokens,
+        do_sample=config.do_sample,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=config.seed,
+        progress=progress,
+        **config.extra,
+    )
     if config.backend == "vllm":
         from bpo.bootstrap.vllm_backend import VllmGenerator
 
@@ -188,27 +197,6 @@ def generate_with_config(
                 "bpo.bootstrap.vllm_backend.VllmGenerator.from_config), not a "
                 f"{type(model).__name__}"
             )
-        return model.answers(
-            requests,
-            max_new_tokens=max_new_tokens or config.max_new_tokens,
-            do_sample=config.do_sample,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            seed=config.seed,
-            progress=progress,
-            **config.extra,
-        )
+        return model.answers(requests, **settings)
     check_backend(config.backend)
-    return generate_answers(
-        model,
-        processor,
-        requests,
-        batch_size=config.batch_size,
-        max_new_tokens=max_new_tokens or config.max_new_tokens,
-        do_sample=config.do_sample,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        seed=config.seed,
-        progress=progress,
-        **config.extra,
-    )
+    return generate_answers(model, processor, requests, batch_size=config.batch_size, **settings)
