@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from PIL import Image
@@ -24,7 +24,7 @@ from PIL import Image
 from bpo.data.records import PreferencePair
 from bpo.models.load import ModelConfig
 from bpo.train.config import LoraSettings, LossSettings, TrainConfig
-from bpo.train.trainer import train
+from bpo.train.trainer import PairDataset, reference_logps, train
 
 # Which pairs each arm trains on: None means every source.
 ARM_SOURCES: dict[str, tuple[str, ...] | None] = {
@@ -111,6 +111,20 @@ def arm_train_config(arm: str, seed: int, config: ArmsConfig, base_path: str) ->
         seed=seed,
         trackers=[],
     )
+
+
+def with_base_references(
+    base: Any, processor: Any, pairs: Sequence[PreferencePair], images: Mapping[str, Image.Image]
+) -> list[PreferencePair]:
+    """The pairs with the base model's log-probs as their references, scored once: every DPO arm
+    and seed starts from the same base, so its reference is the same (pairs it cannot score are
+    left out, as training would leave them out)."""
+    refs, _ = reference_logps(base, PairDataset(pairs, processor, images=images), batch_size=8)
+    return [
+        replace(p, ref_chosen_logp=refs[p.key][0], ref_rejected_logp=refs[p.key][1])
+        for p in pairs
+        if p.key in refs
+    ]
 
 
 def arm_pairs(arm: str, pairs: Sequence[PreferencePair]) -> list[PreferencePair]:

@@ -55,6 +55,7 @@ from bpo.shapeworld.arms import (
     summarize,
     sweep_step,
     train_arm,
+    with_base_references,
 )
 from bpo.shapeworld.metrics import hallucination_metrics
 from bpo.shapeworld.negatives import NegativesConfig, bootstrap_pairs
@@ -449,6 +450,7 @@ def train_arms(base, processor, cfg: DemoConfig, world: World, out: Path, log) -
     training = cfg.training
     pairs = list(read_pairs(out / "pairs"))
     images = {p.image: Image.open(out / p.image).convert("RGB") for p in pairs}
+    pairs = with_base_references(base, processor, pairs, images)  # once for every arm and seed
     (out / "train").mkdir(exist_ok=True)
     results = {}
     for arm in training.arms:

@@ -58,6 +58,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -347,15 +348,19 @@ def load_for_training(config: TrainConfig, device: torch.device) -> tuple[nn.Mod
 
 @torch.no_grad()
 def reference_logps(
-    model: nn.Module, dataset: PairDataset, batch_size: int, accelerator: Any
+    model: nn.Module, dataset: PairDataset, batch_size: int, accelerator: Any | None = None
 ) -> tuple[dict[str, tuple[float, float]], list[BadPair]]:
     """The frozen model's summed (chosen, rejected) log-probs for every usable pair, by key.
 
     The in-memory counterpart of `bpo.train.refs.ensure_reference_logps` (which caches them in a
     pair store): eval mode, the weights' own dtype, no autocast, as that pass scores.
+    accelerator: splits the pairs over its processes; None scores them all here, on the model's
+        device.
     """
     from accelerate.utils import gather_object
 
+    if accelerator is None:  # one process: all pairs, no gathering
+        accelerator = SimpleNamespace(process_index=0, num_processes=1, device=model.device)
     was_training = model.training
     model.eval()
     collate = Collator(dataset.processor.tokenizer.pad_token_id)
@@ -375,6 +380,8 @@ def reference_logps(
             ):
                 refs[key] = (c, r)
     model.train(was_training)
+    if accelerator.num_processes == 1:
+        return refs, bad
     merged: dict[str, tuple[float, float]] = {}
     for part in gather_object([refs]):
         merged.update(part)
