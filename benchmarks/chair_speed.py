@@ -15,7 +15,7 @@ import random
 import string
 import time
 
-from bpo.evaluate.chair import ObjectVocabulary, read_synonyms
+from bpo.data.vocab import ObjectVocabulary, read_synonyms
 
 CAPTIONS = 10_000
 OPENERS = [

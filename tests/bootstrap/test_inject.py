@@ -22,7 +22,7 @@ from bpo.bootstrap.inject import (
     strip_preamble,
     validate_rewrite,
 )
-from bpo.evaluate.judge import JudgeConfig
+from bpo.endpoint import EndpointConfig
 from bpo.models.tiny import (
     TinyLlavaConfig,
     build_tiny_causal_lm,
@@ -389,7 +389,7 @@ def test_endpoint_rewriter(judge_server, monkeypatch):
         ]
     )
     judge_server.reply = lambda body: (200, next(replies), {})
-    config = JudgeConfig(
+    config = EndpointConfig(
         base_url=judge_server.url,
         model="rewriter-7b",
         api_key_env="REWRITER_KEY",

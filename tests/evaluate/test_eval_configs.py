@@ -8,7 +8,7 @@ import pytest
 from jsonargparse import ArgumentParser
 
 from bpo.bootstrap.generate import GenerateConfig
-from bpo.evaluate.judge import JudgeConfig
+from bpo.endpoint import EndpointConfig
 from bpo.evaluate.runner import BenchmarkConfig, EvalConfig, check_config
 from bpo.models.load import ModelConfig
 
@@ -25,7 +25,7 @@ def test_eval_configs_match_the_schema(path):
     assert isinstance(run.model, ModelConfig) and run.model.trust_remote_code is False
     assert isinstance(run.generation, GenerateConfig)
     assert run.benchmarks and all(isinstance(b, BenchmarkConfig) for b in run.benchmarks)
-    assert run.judge is None or isinstance(run.judge, JudgeConfig)
+    assert run.judge is None or isinstance(run.judge, EndpointConfig)
     check_config(run)  # every judged benchmark has a judge, every benchmark a source of answers
 
 

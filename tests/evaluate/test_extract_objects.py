@@ -6,15 +6,14 @@ import json
 
 import pytest
 
-from bpo.evaluate.chair import (
+from bpo.data.vocab import (
     ObjectVocabulary,
-    chair_scores,
-    coco_ground_truth,
     coco_vocabulary,
     extract_objects,
     objects_to_categories,
     read_synonyms,
 )
+from bpo.evaluate.chair import chair_scores, coco_ground_truth
 
 
 @pytest.mark.parametrize(

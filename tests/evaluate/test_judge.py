@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bpo.evaluate.judge import (
-    JudgeClient,
-    JudgeConfig,
-    JudgeError,
-    judgment_key,
+from bpo.endpoint import ChatClient, EndpointConfig, EndpointError, reply_key
+from bpo.evaluate.judges import (
     llava_bench_messages,
     llava_bench_scores,
     mmvet_messages,
@@ -21,7 +18,7 @@ from bpo.evaluate.judge import (
 KEY = "sk-test-5e3cr3t-k3y-0123456789"
 
 
-def config(server, **overrides) -> JudgeConfig:
+def config(server, **overrides) -> EndpointConfig:
     """A judge of the local server; tiny backoff so retries cost milliseconds."""
     values = {
         "base_url": server.url,
@@ -34,7 +31,7 @@ def config(server, **overrides) -> JudgeConfig:
         "concurrency": 4,
         "timeout_s": 10.0,
     }
-    return JudgeConfig(**{**values, **overrides})
+    return EndpointConfig(**{**values, **overrides})
 
 
 @pytest.fixture(autouse=True)
@@ -138,8 +135,8 @@ def test_prompts_carry_the_item():
 def test_a_correct_grade_is_parsed_and_the_request_is_well_formed(judge_server):
     judge_server.reply = lambda body: (200, "0.6", {})
     messages = mmvet_messages("What is x?", "3 <AND> -2", "x = 3")
-    with JudgeClient(config(judge_server)) as client:
-        judgment = client.judge(messages, parse_mmvet_grade)
+    with ChatClient(config(judge_server)) as client:
+        judgment = client.ask(messages, parse_mmvet_grade)
     assert (judgment.value, judgment.attempts, judgment.cached, judgment.error) == (
         0.6,
         1,
@@ -156,8 +153,8 @@ def test_a_correct_grade_is_parsed_and_the_request_is_well_formed(judge_server):
 def test_an_unparsable_grade_is_asked_again_warmer_then_reported(judge_server):
     """parse_retries=2: three replies, at temperature 0, 0.5, 1.0; none parses -> value None."""
     judge_server.reply = lambda body: (200, "I cannot grade this.", {})
-    with JudgeClient(config(judge_server)) as client:
-        judgment = client.judge(mmvet_messages("Q", "A", "B"), parse_mmvet_grade)
+    with ChatClient(config(judge_server)) as client:
+        judgment = client.ask(mmvet_messages("Q", "A", "B"), parse_mmvet_grade)
     assert judgment.value is None
     assert judgment.attempts == 3
     assert judgment.raw == "I cannot grade this."
@@ -168,8 +165,8 @@ def test_an_unparsable_grade_is_asked_again_warmer_then_reported(judge_server):
 def test_a_reply_that_parses_on_the_second_ask_is_used(judge_server):
     replies = iter(["Let me think.", "0.5"])
     judge_server.reply = lambda body: (200, next(replies), {})
-    with JudgeClient(config(judge_server)) as client:
-        judgment = client.judge(mmvet_messages("Q", "A", "B"), parse_mmvet_grade)
+    with ChatClient(config(judge_server)) as client:
+        judgment = client.ask(mmvet_messages("Q", "A", "B"), parse_mmvet_grade)
     assert (judgment.value, judgment.attempts) == (0.5, 2)
 
 
@@ -182,8 +179,8 @@ def test_429_is_retried_after_a_backoff(judge_server):
         return (status, "0.9" if status == 200 else '{"error": "rate limited"}', {})
 
     judge_server.reply = reply
-    with JudgeClient(config(judge_server)) as client:
-        judgment = client.judge(mmvet_messages("Q", "A", "B"), parse_mmvet_grade)
+    with ChatClient(config(judge_server)) as client:
+        judgment = client.ask(mmvet_messages("Q", "A", "B"), parse_mmvet_grade)
         assert client.requests == 2
     assert judgment.value == 0.9
     first, second = judge_server.seen
@@ -197,8 +194,8 @@ def test_retry_after_is_honoured(judge_server):
         "1.0" if s == 200 else "busy",
         {"Retry-After": "0.15"},
     )
-    with JudgeClient(config(judge_server)) as client:
-        assert client.judge(mmvet_messages("Q", "A", "B"), parse_mmvet_grade).value == 1.0
+    with ChatClient(config(judge_server)) as client:
+        assert client.ask(mmvet_messages("Q", "A", "B"), parse_mmvet_grade).value == 1.0
     first, second = judge_server.seen
     assert second.at - first.at >= 0.15
 
@@ -206,10 +203,10 @@ def test_retry_after_is_honoured(judge_server):
 def test_a_server_that_keeps_failing_raises_after_the_retries(judge_server):
     judge_server.reply = lambda body: (500, "internal error", {})
     with (
-        JudgeClient(config(judge_server)) as client,
-        pytest.raises(JudgeError, match="failed 3 times"),
+        ChatClient(config(judge_server)) as client,
+        pytest.raises(EndpointError, match="failed 3 times"),
     ):
-        client.judge(mmvet_messages("Q", "A", "B"), parse_mmvet_grade)
+        client.ask(mmvet_messages("Q", "A", "B"), parse_mmvet_grade)
     assert len(judge_server.seen) == 3  # max_retries=2: one try and two retries
 
 
@@ -217,8 +214,8 @@ def test_an_auth_error_is_not_retried_and_the_key_is_redacted(judge_server):
     """A 401 will not change on retry: one request, a clear error, and the key the server echoes
     back is replaced by *** in the message."""
     judge_server.reply = lambda body: (401, f'{{"error": "bad key {KEY}"}}', {})
-    with JudgeClient(config(judge_server)) as client, pytest.raises(JudgeError) as error:
-        client.judge(mmvet_messages("Q", "A", "B"), parse_mmvet_grade)
+    with ChatClient(config(judge_server)) as client, pytest.raises(EndpointError) as error:
+        client.ask(mmvet_messages("Q", "A", "B"), parse_mmvet_grade)
     assert len(judge_server.seen) == 1
     assert "HTTP 401" in str(error.value) and "BPO_TEST_JUDGE_KEY" in str(error.value)
     assert KEY not in str(error.value) and "***" in str(error.value)
@@ -227,24 +224,24 @@ def test_an_auth_error_is_not_retried_and_the_key_is_redacted(judge_server):
 def test_a_cached_judgment_is_reused_by_a_new_client(judge_server, tmp_path):
     judge_server.reply = lambda body: (200, "0.7", {})
     messages = mmvet_messages("Q", "A", "B")
-    with JudgeClient(config(judge_server), cache_dir=tmp_path) as client:
-        assert client.judge(messages, parse_mmvet_grade).value == 0.7
+    with ChatClient(config(judge_server), cache_dir=tmp_path) as client:
+        assert client.ask(messages, parse_mmvet_grade).value == 0.7
     judge_server.reply = lambda body: (200, "0.1", {})  # a second ask would answer differently
-    with JudgeClient(config(judge_server), cache_dir=tmp_path) as client:
-        again = client.judge(messages, parse_mmvet_grade)
+    with ChatClient(config(judge_server), cache_dir=tmp_path) as client:
+        again = client.ask(messages, parse_mmvet_grade)
     assert (again.value, again.cached, again.attempts) == (0.7, True, 0)
     assert len(judge_server.seen) == 1
     # Another judge model is another judgment: not served from the cache.
-    with JudgeClient(config(judge_server, model="other"), cache_dir=tmp_path) as client:
-        assert client.judge(messages, parse_mmvet_grade).value == 0.1
-    assert judgment_key("judge-model", messages) != judgment_key("other", messages)
+    with ChatClient(config(judge_server, model="other"), cache_dir=tmp_path) as client:
+        assert client.ask(messages, parse_mmvet_grade).value == 0.1
+    assert reply_key("judge-model", messages) != reply_key("other", messages)
 
 
 def test_unparsable_replies_are_not_cached(judge_server, tmp_path):
     judge_server.reply = lambda body: (200, "no idea", {})
     messages = mmvet_messages("Q", "A", "B")
-    with JudgeClient(config(judge_server, parse_retries=0), cache_dir=tmp_path) as client:
-        assert client.judge(messages, parse_mmvet_grade).value is None
+    with ChatClient(config(judge_server, parse_retries=0), cache_dir=tmp_path) as client:
+        assert client.ask(messages, parse_mmvet_grade).value is None
         assert len(client.cache) == 0
 
 
@@ -257,18 +254,18 @@ def test_judge_all_keeps_order_under_concurrency(judge_server):
 
     judge_server.reply = reply
     prompts = [mmvet_messages("Q", "A", str(i)) for i in range(8)]
-    with JudgeClient(config(judge_server)) as client:
-        values = [j.value for j in client.judge_all(prompts, parse_mmvet_grade)]
+    with ChatClient(config(judge_server)) as client:
+        values = [j.value for j in client.ask_all(prompts, parse_mmvet_grade)]
     assert values == [float(f"0.{i}") for i in range(8)]
 
 
 def test_a_missing_key_variable_is_named(monkeypatch, judge_server):
     monkeypatch.delenv("BPO_TEST_JUDGE_KEY")
-    with pytest.raises(JudgeError, match="environment variable BPO_TEST_JUDGE_KEY is not set"):
-        JudgeClient(config(judge_server))
+    with pytest.raises(EndpointError, match="environment variable BPO_TEST_JUDGE_KEY is not set"):
+        ChatClient(config(judge_server))
 
 
 def test_no_key_variable_sends_no_authorization(judge_server):
-    with JudgeClient(config(judge_server, api_key_env=None)) as client:
-        client.judge(mmvet_messages("Q", "A", "B"), parse_mmvet_grade)
+    with ChatClient(config(judge_server, api_key_env=None)) as client:
+        client.ask(mmvet_messages("Q", "A", "B"), parse_mmvet_grade)
     assert "Authorization" not in judge_server.seen[0].headers

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from bpo.evaluate.judge import JudgeClient, JudgeConfig, mmvet_messages, parse_mmvet_grade
+from bpo.endpoint import ChatClient, EndpointConfig
+from bpo.evaluate.judges import mmvet_messages, parse_mmvet_grade
 from bpo.models.tiny import build_tiny_causal_lm, force_greedy_token
 
 pytest.importorskip("fastapi", reason="needs transformers[serving] (in bpo's dev extra)")
@@ -96,12 +97,12 @@ def served_judge(tmp_path):
 @pytest.mark.slow
 def test_a_grade_from_transformers_serve(served_judge, tmp_path):
     base_url, model = served_judge
-    config = JudgeConfig(
+    config = EndpointConfig(
         base_url=base_url, model=model, api_key_env=None, max_tokens=1, timeout_s=30
     )
     messages = mmvet_messages("What fruit is it?", "apple", "an apple")
-    with JudgeClient(config, cache_dir=tmp_path / "cache") as client:
-        judgment = client.judge(messages, parse_mmvet_grade)
+    with ChatClient(config, cache_dir=tmp_path / "cache") as client:
+        judgment = client.ask(messages, parse_mmvet_grade)
     assert (judgment.value, judgment.raw, judgment.attempts) == (0.8, "0.8", 1)
-    with JudgeClient(config, cache_dir=tmp_path / "cache") as client:
-        assert client.judge(messages, parse_mmvet_grade).cached
+    with ChatClient(config, cache_dir=tmp_path / "cache") as client:
+        assert client.ask(messages, parse_mmvet_grade).cached

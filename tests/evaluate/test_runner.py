@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from bpo.cli import main
-from bpo.evaluate.judge import JudgeConfig
+from bpo.endpoint import EndpointConfig
 from bpo.evaluate.runner import (
     AnswersMismatchError,
     BenchmarkConfig,
@@ -230,7 +230,7 @@ def offline_config(data: dict[str, Path], server_url: str) -> EvalConfig:
             BenchmarkConfig(name="mmvet", data=str(root / "mmvet"), answers=str(data["answers_mmvet"])),
             BenchmarkConfig(name="llava_bench", data=str(root / "llava_bench"), answers=str(data["answers_llava_bench"])),
         ],
-        judge=JudgeConfig(
+        judge=EndpointConfig(
             base_url=server_url, model="judge-model", api_key_env="BPO_RUNNER_KEY",
             backoff_s=0.01, parse_retries=1, concurrency=2,
         ),
@@ -331,7 +331,7 @@ def test_object_halbench_with_judge_listed_objects(benchmarks, judge_server, tmp
                 judge_objects=True,
             )
         ],
-        judge=JudgeConfig(base_url=judge_server.url, api_key_env=None),
+        judge=EndpointConfig(base_url=judge_server.url, api_key_env=None),
     )
     metrics = run_eval(config, tmp_path / "run", log=lambda _: None)["benchmarks"][
         "object_halbench"

@@ -8,7 +8,7 @@ reason in an `InjectionStats` for the manifest, never dropped silently:
   the prior; ShapeWorld captions are parsed and rewritten in the world's own format;
 - `LocalRewriter`: any local causal LM (by default the MLLM's own language model, see
   `causal_lm_from_mllm`), prompted through its own chat template with few-shot examples;
-- `EndpointRewriter`: an OpenAI-compatible chat endpoint, through the judge's HTTP client.
+- `EndpointRewriter`: an OpenAI-compatible chat endpoint, through bpo.endpoint.ChatClient.
 
 The official code's rewriter ignored its max-token setting, never checked that a rewrite differs
 from the gold answer, and cut the first character off every output; all three are fixed here.
@@ -28,8 +28,8 @@ from lemminflect import getInflection
 from transformers import LogitsProcessorList
 
 from bpo.bootstrap.weaken import KeyedSampler, stream_seed
-from bpo.evaluate.chair import ObjectVocabulary, coco_vocabulary
-from bpo.evaluate.judge import JudgeClient, JudgeConfig, Messages
+from bpo.data.vocab import ObjectVocabulary, coco_vocabulary
+from bpo.endpoint import ChatClient, EndpointConfig, Messages
 
 # --- Validation -------------------------------------------------------------------------------
 
@@ -705,8 +705,8 @@ class EndpointRewriter:
         rewriter wants some, unlike a judge: set it, e.g. 0.7).
     """
 
-    def __init__(self, config: JudgeConfig, min_ratio: float = 0.5, max_ratio: float = 2.0):
-        self.client = JudgeClient(config)
+    def __init__(self, config: EndpointConfig, min_ratio: float = 0.5, max_ratio: float = 2.0):
+        self.client = ChatClient(config, section="inject.endpoint")
         self.min_ratio, self.max_ratio = min_ratio, max_ratio
 
     def close(self) -> None:
@@ -719,7 +719,7 @@ class EndpointRewriter:
         question: str | None = None,
         stats: InjectionStats | None = None,
     ) -> Injection:
-        """One validated rewrite of `gold`; endpoint failures past the retries raise JudgeError."""
+        """One validated rewrite of `gold`; endpoint failures past the retries raise EndpointError."""
         raw = self.client.complete(rewrite_messages(gold, mode, question))
         edits = [{"type": "llm", "mode": mode, "model": self.client.config.model}]
         return _checked(gold, raw, edits, stats, self.min_ratio, self.max_ratio)

@@ -63,7 +63,7 @@ from bpo.data import (
     remove_image_placeholder,
     resolve_image_path,
 )
-from bpo.evaluate.judge import JudgeConfig
+from bpo.endpoint import EndpointConfig
 from bpo.models.load import ModelConfig
 
 REJECT_PREFIX = "rejected_"
@@ -92,7 +92,7 @@ class InjectMethod:
     max_new_tokens: int = 256  # "self"/"local"
     temperature: float = 0.7  # "self"/"local"; 0 is greedy (and then batch-independent)
     top_p: float = 0.9  # "self"/"local"
-    endpoint: JudgeConfig = field(default_factory=lambda: JudgeConfig(temperature=0.7))
+    endpoint: EndpointConfig = field(default_factory=lambda: EndpointConfig(temperature=0.7))
     min_ratio: float = 0.5  # rewrite length in words over the gold's: rejected below...
     max_ratio: float = 2.0  # ...or above
 

@@ -11,10 +11,8 @@ writer opens, so a kill between manifest writes loses nothing.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import time
 from collections import Counter
@@ -23,17 +21,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import bpo
+from bpo.data.files import (
+    json_line,
+    lock_directory,
+    read_json_lines,
+    truncate_partial_line,
+    write_atomic,
+)
 from bpo.data.records import SCHEMA_VERSION, BadRecord, PreferencePair
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; one writer per directory is then on the user.
-    fcntl = None
+from bpo.utils.versions import versions
 
 MANIFEST = "manifest.json"
 BAD_RECORDS = "bad_records.jsonl"
-LOCK = ".lock"
 SHARD_RE = re.compile(r"^pairs-(\d{5,})\.jsonl$")
 # Config keys that may differ between the stores `merge_stores` combines.
 SHARD_KEYS = ("shard_index", "num_shards")
@@ -57,20 +56,6 @@ def shard_name(index: int) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _versions() -> dict[str, str | None]:
-    # Package metadata rather than imports: importing torch just to read its version is slow.
-    versions: dict[str, str | None] = {
-        "python": platform.python_version(),
-        "bpo": bpo.__version__,
-    }
-    for package in ("torch", "transformers", "datasets"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
 
 
 def _normalize_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -99,28 +84,6 @@ def config_differences(stored: Any, now: Any, prefix: str = "") -> list[str]:
     return []
 
 
-def truncate_partial_line(path: Path) -> int:
-    """Cut a file back to its last newline (a line half-written when a process died); bytes cut."""
-    size = path.stat().st_size
-    with path.open("rb+") as f:
-        end = size
-        while end > 0:
-            start = max(0, end - 65536)
-            f.seek(start)
-            newline = f.read(end - start).rfind(b"\n")
-            if newline >= 0:
-                keep = start + newline + 1
-                break
-            end = start
-        else:
-            keep = 0
-        if keep < size:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-    return size - keep
-
-
 def _shard_paths(directory: Path) -> list[Path]:
     """The shard files in order; a gap in the numbering is damage, not something to skip."""
     indexed = []
@@ -138,23 +101,11 @@ def _shard_paths(directory: Path) -> list[Path]:
     return [path for _, path in indexed]
 
 
-def _json_lines(path: Path, skip_partial_last: bool) -> Iterator[tuple[int, Any]]:
+def _json_lines(path: Path, appended: bool) -> Iterator[tuple[int, Any]]:
     """(1-based line number, parsed JSON) for each line; a bad line raises StoreError naming it."""
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):
-                if skip_partial_last:
-                    return
-                raise StoreError(
-                    f"{path} line {number}: incomplete last line in a closed shard; the store is "
-                    "damaged; delete that line or start over with --overwrite"
-                )
-            try:
-                yield number, json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise StoreError(
-                    f"{path} line {number}: not valid JSON ({exc}); delete the line and resume"
-                ) from exc
+    return read_json_lines(
+        path, appended=appended, fix="delete the line and resume", error=StoreError
+    )
 
 
 def _pair_from_line(path: Path, number: int, data: Any) -> PreferencePair:
@@ -191,7 +142,7 @@ def read_pairs(directory: str | Path) -> Iterator[PreferencePair]:
     shards = _shard_paths(Path(directory))
     for position, path in enumerate(shards):
         is_last = position == len(shards) - 1
-        for number, data in _json_lines(path, skip_partial_last=is_last):
+        for number, data in _json_lines(path, appended=is_last):
             yield _pair_from_line(path, number, data)
 
 
@@ -200,48 +151,23 @@ def read_bad_records(directory: str | Path) -> Iterator[BadRecord]:
     path = Path(directory) / BAD_RECORDS
     if not path.is_file():
         return
-    for _, data in _json_lines(path, skip_partial_last=True):
+    for _, data in _json_lines(path, appended=True):
         yield BadRecord.from_json(data)
 
 
 def _remove_store_files(directory: Path) -> None:
     # Only files a store consists of: --overwrite must not delete anything else in the folder.
     for path in directory.iterdir():
-        if SHARD_RE.match(path.name) or path.name in (MANIFEST, MANIFEST + ".tmp", BAD_RECORDS):
+        temporary = path.name.startswith(MANIFEST + ".") and path.name.endswith(".tmp")
+        if SHARD_RE.match(path.name) or path.name in (MANIFEST, BAD_RECORDS) or temporary:
             path.unlink()
-
-
-def lock_directory(directory: Path, busy: str = "wait for it or choose another --out") -> BinaryIO:
-    """Hold an exclusive lock on `directory` (close the handle to release it), so two writers
-    never interleave lines in one file; `busy` ends the error raised when it is taken."""
-    handle = (directory / LOCK).open("ab")
-    if fcntl is None:
-        return handle
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        handle.close()
-        raise StoreError(f"{directory} is being written by another process; {busy}") from exc
-    return handle
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so readers (and a resume after a kill) see the old file or the new
-    one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _encode(record: dict[str, Any], what: str) -> bytes:
     try:
-        text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+        return json_line(record)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} is not JSON-serializable: {exc}") from exc
-    return (text + "\n").encode("utf-8")
 
 
 class PairWriter:
@@ -284,7 +210,7 @@ class PairWriter:
         self.manifest_interval_s = manifest_interval_s
         self.complete = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_handle = lock_directory(self.out_dir)
+        self._lock_handle = lock_directory(self.out_dir, error=StoreError)
         try:
             self._open(overwrite)
         except BaseException:
@@ -336,7 +262,7 @@ class PairWriter:
             truncate_partial_line(shards[-1])
         for path in shards:
             lines = 0
-            for number, data in _json_lines(path, skip_partial_last=False):
+            for number, data in _json_lines(path, appended=False):
                 pair = _pair_from_line(path, number, data)
                 if pair.key in self.done_keys:
                     raise StoreError(
@@ -453,7 +379,7 @@ class PairWriter:
                 "first": list(self.bad_messages),
             },
             "shards": [{"file": shard_name(i), "pairs": n} for i, n in enumerate(self.shard_lines)],
-            "versions": _versions(),
+            "versions": versions(),
             **({"stats": self.stats} if self.stats else {}),
         }
 

@@ -29,10 +29,11 @@ from bpo.bootstrap.generate import (
     check_backend,
     generate_with_config,
 )
+from bpo.data import vocab
 from bpo.data.store import truncate_partial_line
-from bpo.evaluate import chair, datasets, judge, pope
+from bpo.endpoint import ChatClient, EndpointConfig, Reply
+from bpo.evaluate import chair, datasets, judges, pope
 from bpo.evaluate.datasets import EvalItem, load_item_image
-from bpo.evaluate.judge import JudgeConfig
 from bpo.models.load import ModelConfig
 
 BenchmarkName = Literal[
@@ -81,7 +82,7 @@ class EvalConfig:
     benchmarks: list[BenchmarkConfig] = field(default_factory=list)
     model: ModelConfig | None = None  # null when every benchmark has an `answers` file
     generation: GenerateConfig = field(default_factory=GenerateConfig)
-    judge: JudgeConfig | None = None  # needed by mmvet, llava_bench, judge_objects
+    judge: EndpointConfig | None = None  # needed by mmvet, llava_bench, judge_objects
     name: str | None = None  # the run's column title in `bpo compare`; default the folder name
 
 
@@ -284,7 +285,7 @@ def ensure_answers(
 # --- scoring ----------------------------------------------------------------------------------
 
 
-def _judgment_fields(j: judge.Judgment) -> dict[str, Any]:
+def _judgment_fields(j: Reply) -> dict[str, Any]:
     return {
         "judge_reply": j.raw,
         "judge_attempts": j.attempts,
@@ -343,7 +344,7 @@ def score_object_halbench(
     bench: BenchmarkConfig,
     items: Sequence[EvalItem],
     answers: dict[str, str],
-    client: judge.JudgeClient | None,
+    client: ChatClient | None,
 ) -> tuple[dict, list[dict]]:
     """CHAIR against COCO ground truth (segmentations + captions), words or judge-listed objects."""
     if not bench.coco_instances:
@@ -356,15 +357,15 @@ def score_object_halbench(
     truth = [truth_by_image.get(i, set()) for i in image_ids]
     texts = [answers[item.question_id] for item in items]
     if not bench.judge_objects:
-        mentions = [chair.extract_objects(text) for text in texts]
+        mentions = [vocab.extract_objects(text) for text in texts]
         metrics, records = _chair_records(items, answers, mentions, truth)
     else:
         assert client is not None
         prompts = [
-            judge.object_messages(item.prompt, t) for item, t in zip(items, texts, strict=True)
+            judges.object_messages(item.prompt, t) for item, t in zip(items, texts, strict=True)
         ]
-        judged = client.judge_all(prompts, judge.parse_object_list)
-        mentions = [chair.objects_to_categories(j.value or []) for j in judged]
+        judged = client.ask_all(prompts, judges.parse_object_list)
+        mentions = [vocab.objects_to_categories(j.value or []) for j in judged]
         metrics, records = _chair_records(items, answers, mentions, truth)
         for record, j in zip(records, judged, strict=True):
             record.update({"objects": j.value, **_judgment_fields(j)})
@@ -388,16 +389,16 @@ def score_shapeworld_chair(
 
 
 def score_mmvet(
-    items: Sequence[EvalItem], answers: dict[str, str], client: judge.JudgeClient
+    items: Sequence[EvalItem], answers: dict[str, str], client: ChatClient
 ) -> tuple[dict, list[dict]]:
     """MM-Vet grades by the judge, then the total and per-capability scores."""
     prompts = [
-        judge.mmvet_messages(item.prompt, item.fields["answer"], answers[item.question_id])
+        judges.mmvet_messages(item.prompt, item.fields["answer"], answers[item.question_id])
         for item in items
     ]
-    judged = client.judge_all(prompts, judge.parse_mmvet_grade)
+    judged = client.ask_all(prompts, judges.parse_mmvet_grade)
     grades = [j.value for j in judged]
-    metrics = judge.mmvet_scores(grades, [item.fields["capability"] for item in items])
+    metrics = judges.mmvet_scores(grades, [item.fields["capability"] for item in items])
     metrics["unparsable_ids"] = [
         i.question_id for i, g in zip(items, grades, strict=True) if g is None
     ]
@@ -416,11 +417,11 @@ def score_mmvet(
 
 
 def score_llava_bench(
-    items: Sequence[EvalItem], answers: dict[str, str], client: judge.JudgeClient
+    items: Sequence[EvalItem], answers: dict[str, str], client: ChatClient
 ) -> tuple[dict, list[dict]]:
     """LLaVA-Bench reviews by the judge, then relative scores per category and overall."""
     prompts = [
-        judge.llava_bench_messages(
+        judges.llava_bench_messages(
             item.prompt,
             item.fields["context"],
             item.fields["reference"],
@@ -429,9 +430,9 @@ def score_llava_bench(
         )
         for item in items
     ]
-    judged = client.judge_all(prompts, judge.parse_review_scores)
+    judged = client.ask_all(prompts, judges.parse_review_scores)
     reviews = [j.value for j in judged]
-    metrics = judge.llava_bench_scores(reviews, [item.fields["category"] for item in items])
+    metrics = judges.llava_bench_scores(reviews, [item.fields["category"] for item in items])
     metrics["unparsable_ids"] = [
         i.question_id for i, r in zip(items, reviews, strict=True) if r is None
     ]
@@ -453,7 +454,7 @@ def score(
     bench: BenchmarkConfig,
     items: Sequence[EvalItem],
     answers: dict[str, str],
-    client: judge.JudgeClient | None,
+    client: ChatClient | None,
 ) -> tuple[dict, list[dict]]:
     """(metrics, per-question records) of one benchmark's answers."""
     if bench.name in ("pope", "shapeworld_pope"):
@@ -560,7 +561,9 @@ def run_eval(config: EvalConfig, out: str | Path, log: Callable[[str], None] = p
     model = ModelHolder(config.model, config.generation)
     client = None
     if config.judge is not None and any(_needs_judge(b) for b in config.benchmarks):
-        client = judge.JudgeClient(config.judge, cache_dir=out / "judge_cache")
+        client = ChatClient(
+            config.judge, cache_dir=out / "judge_cache", cache_name="judgments.jsonl"
+        )
     results: dict[str, Any] = {}
     try:
         for bench in config.benchmarks:

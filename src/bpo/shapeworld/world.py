@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from bpo.evaluate.chair import ObjectVocabulary, extract_objects
+from bpo.data.vocab import ObjectVocabulary, extract_objects
 
 # Partners sit next to each other in this (caption) order, and each pair joins two shapes that
 # look unalike, so a partner named in place of a real shape is the prior speaking, not the eye.
