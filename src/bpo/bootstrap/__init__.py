@@ -1,45 +1,8 @@
-"""Bootstrapping negatives: generation backends, noise, weakened and error-injected answers.
+"""Bootstrapping negatives from the model itself, into a resumable pair store.
 
-The optional vLLM backend lives in `bpo.bootstrap.vllm_backend` (imported on use: vllm is optional).
+- `config`: the `bpo bootstrap` schema (weaken, inject, sharding, backend), checked up front;
+- `noise`: the diffusion forward process on the normalized pixel tensor;
+- `weaken`: the model's answers from its noised image (through `bpo.generate`);
+- `inject`: error-injected rewrites of the gold answer (validation, lexical, rewriters);
+- `run`: the stage, `run_bootstrap`, and the merge of sharded runs; `stats`: its summaries.
 """
-
-from bpo.bootstrap.generate import (
-    GenerateConfig,
-    GenerationRequest,
-    VllmConfig,
-    generate_answers,
-    generate_with_config,
-)
-from bpo.bootstrap.inject import (
-    EndpointRewriter,
-    Injection,
-    InjectionStats,
-    InjectionVocabulary,
-    LocalRewriter,
-    causal_lm_from_mllm,
-    inject_errors,
-    validate_rewrite,
-)
-from bpo.bootstrap.noise import add_noise, alphas_cumprod
-from bpo.bootstrap.weaken import WeakenConfig, WeakenedAnswer, weakened_answers
-
-__all__ = [
-    "EndpointRewriter",
-    "GenerateConfig",
-    "GenerationRequest",
-    "Injection",
-    "InjectionStats",
-    "InjectionVocabulary",
-    "LocalRewriter",
-    "VllmConfig",
-    "WeakenConfig",
-    "WeakenedAnswer",
-    "add_noise",
-    "alphas_cumprod",
-    "causal_lm_from_mllm",
-    "generate_answers",
-    "generate_with_config",
-    "inject_errors",
-    "validate_rewrite",
-    "weakened_answers",
-]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub.errors import HFValidationError
@@ -148,6 +149,28 @@ def load_model_and_processor(
     model.eval()
     processor = load_processor(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     return model, processor
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "auto",
+    revision: str | None = None,
+) -> tuple[PreTrainedModel, Any]:
+    """A text-only causal LM (eval mode, on `device`) and its tokenizer; safetensors only, no
+    remote code (a rewriter is never trusted to run its own code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_source(name_or_path)
+    device = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path,
+        dtype=resolve_dtype(dtype, device),
+        device_map=device,
+        use_safetensors=True,
+        revision=revision,
+    )
+    return model.eval(), AutoTokenizer.from_pretrained(name_or_path, revision=revision)
 
 
 def count_image_tokens(processor: ProcessorMixin, image: Image.Image | None = None) -> int:

@@ -94,6 +94,13 @@ def build_prompt(
     )
 
 
+def adds_special_tokens(tokenizer: Any, prompt: str) -> bool:
+    """Whether tokenizing a rendered prompt should add the tokenizer's special tokens (its BOS):
+    not when the chat template already wrote the BOS, so that no prompt starts with two."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and prompt.startswith(bos))
+
+
 def build_full_text(
     processor: Any, messages: list[dict[str, Any]], answer: str, has_image: bool = True
 ) -> tuple[str, str]:
@@ -142,7 +149,7 @@ def tokenize_prompt_and_answer(
     prompt, full = build_full_text(processor, messages, answer, has_image=has_image)
     tokenizer = getattr(processor, "tokenizer", processor)
     # The processor adds the tokenizer's specials (a BOS) unless the template already wrote one.
-    specials = not (tokenizer.bos_token and prompt.startswith(tokenizer.bos_token))
+    specials = adds_special_tokens(tokenizer, prompt)
     prompt_ids = tokenizer(prompt, add_special_tokens=specials)["input_ids"]
     full_ids = tokenizer(full, add_special_tokens=specials)["input_ids"]
     if full_ids[: len(prompt_ids)] == prompt_ids:

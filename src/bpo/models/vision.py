@@ -1,0 +1,41 @@
+"""The vision half of an image-text model: the tower and projector alone, and their features.
+
+Image-weakened negatives with the vLLM backend need the image features of *noised* pixels, which
+only the model's own vision tower and projector can make; vLLM's language model then reads them as
+image embeddings. The features come from the call the model's own forward makes
+(`get_image_features`, with the config's feature layer and select strategy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bpo.models.load import ModelConfig, load_from_config, resolve_device, resolve_dtype
+
+
+def load_image_encoder(model: ModelConfig) -> tuple[Any, Any]:
+    """(the model with its language model dropped, its processor): what encodes noised images.
+
+    The model is loaded on the CPU and only the vision tower and projector move to the device,
+    so a 7B language model never takes GPU memory a generation engine needs.
+    """
+    device = resolve_device(model.device)
+    dtype = str(resolve_dtype(model.dtype, device)).removeprefix("torch.")
+    encoder, processor = load_from_config(replace(model, device="cpu", dtype=dtype))
+    encoder.model.language_model = None
+    encoder.lm_head = None
+    return encoder.to(device), processor
+
+
+@torch.inference_mode()
+def image_features(encoder: Any, pixel_values: Tensor) -> Tensor:
+    """(B, image tokens, LM hidden) features of pixels (B, C, H, W), as the forward makes them."""
+    out = encoder.get_image_features(pixel_values=pixel_values, return_dict=True)
+    features = getattr(out, "pooler_output", out)  # transformers 5: an output; 4.x: the tensor
+    if isinstance(features, (list, tuple)):
+        features = torch.stack(list(features))  # one (tokens, hidden) per image
+    return features
