@@ -101,7 +101,7 @@ def check_weaken(config: WeakenConfig) -> None:
     for step in config.noise_steps:
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < NUM_STEPS:
             raise ValueError(
-                f"weaken.noise_steps holds {step!r}; each step is an integer in "
+                f"weaken.noise_steps holds {step!r}: a noise step must be an integer in "
                 f"[0, {NUM_STEPS - 1}] (a 0-based index into the {NUM_STEPS}-step schedule)"
             )
     if len(set(config.noise_steps)) != len(config.noise_steps):
