@@ -5,15 +5,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast install clean
 
 demo: $(VENV)/.installed
 	$(BIN)/bpo demo --out runs/demo
 
-# Both tiers: the fast unit tests and the slower end-to-end ones (marked `slow`), plus ruff.
+# Both tiers: the fast unit tests and the slower end-to-end ones (marked `slow`), plus ruff and
+# the import layers (pyproject.toml's [tool.importlinter]).
 test: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/pytest -m "slow or not slow"
 
 test-fast: $(VENV)/.installed

@@ -19,9 +19,13 @@ from bpo.data.vocab import ObjectVocabulary, read_synonyms
 
 CAPTIONS = 10_000
 OPENERS = [
-    "The image shows", "In this picture we can see", "The scene features", "This photo depicts",
-    "The image captures", "In the foreground there is",
-]  # fmt: skip
+    "The image shows",
+    "In this picture we can see",
+    "The scene features",
+    "This photo depicts",
+    "The image captures",
+    "In the foreground there is",
+]
 ATTRIBUTES = ["large", "small", "red", "white", "wooden", "old", "busy", "bright", "two", "several"]
 PLACES = ["on the left", "in the background", "near the window", "on a table", "along the street"]
 FILLER = [
@@ -58,13 +62,57 @@ FILLER = [
     "warm",
 ]
 NOUNS = [
-    "dog", "dogs", "cat", "cats", "people", "men", "women", "children", "man", "woman", "car",
-    "cars", "bus", "buses", "traffic light", "traffic lights", "hot dog", "teddy bear", "chair",
-    "chairs", "dining table", "couch", "sofa", "cell phone", "laptop", "knives", "mice", "bottles",
-    "wine glasses", "umbrella", "bench", "bicycle", "bikes", "pizza", "sandwich", "toilet seat",
-    "baby elephant", "passenger train", "bow tie", "tree", "trees", "building", "buildings", "sky",
-    "grass", "road", "window", "shirt", "hat", "wall",
-]  # fmt: skip
+    "dog",
+    "dogs",
+    "cat",
+    "cats",
+    "people",
+    "men",
+    "women",
+    "children",
+    "man",
+    "woman",
+    "car",
+    "cars",
+    "bus",
+    "buses",
+    "traffic light",
+    "traffic lights",
+    "hot dog",
+    "teddy bear",
+    "chair",
+    "chairs",
+    "dining table",
+    "couch",
+    "sofa",
+    "cell phone",
+    "laptop",
+    "knives",
+    "mice",
+    "bottles",
+    "wine glasses",
+    "umbrella",
+    "bench",
+    "bicycle",
+    "bikes",
+    "pizza",
+    "sandwich",
+    "toilet seat",
+    "baby elephant",
+    "passenger train",
+    "bow tie",
+    "tree",
+    "trees",
+    "building",
+    "buildings",
+    "sky",
+    "grass",
+    "road",
+    "window",
+    "shirt",
+    "hat",
+    "wall",
+]
 
 
 def captions(count: int, seed: int = 0) -> list[str]:

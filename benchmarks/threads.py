@@ -9,15 +9,10 @@ import time
 
 import torch
 
+from bpo.demo import pretrain
+from bpo.demo.base import build_world, image_examples, pixel_tensor, tokenizer_texts
+from bpo.demo.config import DemoConfig
 from bpo.models.tiny import build_tiny_llava
-from bpo.shapeworld import train
-from bpo.shapeworld.demo import (
-    DemoConfig,
-    build_world,
-    image_examples,
-    pixel_tensor,
-    tokenizer_texts,
-)
 
 STEPS = 30
 
@@ -32,7 +27,7 @@ def main() -> None:
     for threads in (1, 2, 1, 2):
         torch.set_num_threads(threads)
         start = time.perf_counter()
-        train.align(model, examples, pixels, "full", STEPS, 32, 1e-3, 0)
+        pretrain.align(model, examples, pixels, "full", STEPS, 32, 1e-3, 0)
         timings[threads].append((time.perf_counter() - start) / STEPS * 1000)
         print(f"threads={threads}: {timings[threads][-1]:.1f} ms/step", flush=True)
     best = {t: min(v) for t, v in timings.items()}

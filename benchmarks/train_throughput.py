@@ -6,7 +6,7 @@ seed), on the same preference pairs, with the same batch size, LoRA config, opti
 number of optimizer steps after the same warm-up. Each side runs in its own process, so its peak
 memory is its own.
 
-- bpo: `bpo.train.trainer.train` (the Python API behind `bpo train`) on in-memory pairs. One row
+- bpo: `bpo.train.run.train` (the Python API behind `bpo train`) on in-memory pairs. One row
   per pair, `[image + prompt | chosen | rejected]`, with a block attention mask
   (`bpo.train.logprobs.pair_logps`): the image and prompt are encoded once for both answers. The
   reference log-probs are computed once before training (timed apart, not in the step), so the
@@ -362,7 +362,7 @@ def sync(device: str) -> None:
 
 
 def run_bpo(settings: Settings) -> dict[str, Any]:
-    """`bpo.train.trainer.train` (the Python API behind `bpo train`), its steps timed."""
+    """`bpo.train.run.train` (the Python API behind `bpo train`), its steps timed."""
     # Imported before the memory baseline, as TRL's side imports them with trl.
     import accelerate  # noqa: F401
     import peft  # noqa: F401
@@ -371,7 +371,8 @@ def run_bpo(settings: Settings) -> dict[str, Any]:
     import bpo.utils.console  # noqa: F401
     from bpo.data.records import PreferencePair
     from bpo.models.load import ModelConfig
-    from bpo.train import trainer as bpo_trainer
+    from bpo.train import refs as bpo_refs
+    from bpo.train import run as bpo_run
     from bpo.train.config import LoraSettings, LossSettings, TrainConfig
 
     processor = build_processor(settings.spec, settings.seed)
@@ -383,8 +384,8 @@ def run_bpo(settings: Settings) -> dict[str, Any]:
     times: list[float] = []
     tokens: list[dict[str, float]] = []
     ref_pass: list[float] = []
-    train_step = bpo_trainer.Trainer.train_step
-    reference_logps = bpo_trainer.reference_logps
+    train_step = bpo_run.Trainer.train_step
+    score_pairs = bpo_refs.score_pairs
 
     def timed_step(self, micro_batches, *args, **kwargs):
         GATE.wait_turn()
@@ -399,14 +400,14 @@ def run_bpo(settings: Settings) -> dict[str, Any]:
 
     def timed_refs(*args, **kwargs):
         start = time.perf_counter()
-        out = reference_logps(*args, **kwargs)
+        out = score_pairs(*args, **kwargs)
         sync(settings.device)
         ref_pass.append(time.perf_counter() - start)
         return out
 
     # Timing hooks only: the step itself is the library's, unchanged.
-    bpo_trainer.Trainer.train_step = timed_step
-    bpo_trainer.reference_logps = timed_refs
+    bpo_run.Trainer.train_step = timed_step
+    bpo_refs.score_pairs = timed_refs  # the name `training_pairs` scores in-memory pairs with
 
     pairs = [
         PreferencePair(
@@ -436,7 +437,7 @@ def run_bpo(settings: Settings) -> dict[str, Any]:
         trackers=[],
     )
     images_by_path = {f"{i}.png": image for i, image in enumerate(images)}
-    result = bpo_trainer.train(config, model, processor, pairs, images_by_path, log=lambda _: None)
+    result = bpo_run.train(config, model, processor, pairs, images_by_path, log=lambda _: None)
     delta, peak = memory.peak_above_baseline()
     counts = _param_counts(result.model)
     out = _result(settings, times, delta, peak, tokens, counts, result.history[-1]["loss"])
@@ -805,8 +806,10 @@ def main() -> None:
     elif device.startswith("cuda") and not args.dry_run:
         layers = fit_text_layers(spec, args.batch_size, args.gradient_checkpointing)
         if layers < spec.text_layers:
-            print(f"GPU memory: {spec.text_layers} Llama layers would not fit TRL's step; "
-                  f"using {layers} (--text-layers to choose)")  # fmt: skip
+            print(
+                f"GPU memory: {spec.text_layers} Llama layers would not fit TRL's step; "
+                f"using {layers} (--text-layers to choose)"
+            )
             spec = replace(spec, text_layers=layers)
     warmup = args.warmup if args.warmup is not None else (3 if args.gpu else 2)
     steps = args.steps if args.steps is not None else (10 if args.gpu else 8)

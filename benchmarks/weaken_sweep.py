@@ -8,6 +8,9 @@ share of the hallucinations against its chance level (how much they follow the t
     python benchmarks/weaken_sweep.py --demo runs/demo --scenes 500
 
 It reads the demo's config from results.json, so the scenes are the ones the demo bootstrapped.
+Each temperature is one `weakened_answers` call with every step in `noise_steps` (sample index k
+of a scene is step k), keyed as `bpo bootstrap` keys them, so a step's captions are the ones a
+bootstrap run at those steps would make.
 """
 
 from __future__ import annotations
@@ -18,10 +21,16 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentParser
+from PIL import Image
 
+from bpo.bootstrap.config import WeakenConfig
+from bpo.bootstrap.weaken import weakened_answers
+from bpo.demo.base import build_world
+from bpo.demo.config import DemoConfig
+from bpo.evaluate.shapeworld import hallucination_metrics
+from bpo.generate import GenerationRequest, TransformersGenerator
 from bpo.models.load import load_model_and_processor
-from bpo.shapeworld.demo import DemoConfig, build_world
-from bpo.shapeworld.negatives import NegativesConfig, negative_stats, weaken_negatives
+from bpo.shapeworld.world import CAPTION_PROMPTS, render
 
 
 def demo_config(demo: Path) -> DemoConfig:
@@ -45,17 +54,26 @@ def main() -> None:
     model, processor = load_model_and_processor(
         str(args.demo / "base"), dtype="float32", device="cpu", attn_implementation="eager"
     )
+    generator = TransformersGenerator(model, processor, batch_size=cfg.negatives.batch_size)
+    prompt = [{"role": "user", "content": f"<image>\n{CAPTION_PROMPTS[0]}"}]
+    requests = [
+        GenerationRequest(prompt, Image.fromarray(render(scene, cfg.world))) for scene in scenes
+    ]
     print("step  T    with_halluc  chair_i  partner_share  chance  words")
-    for step in args.steps:
-        for temperature in args.temperatures:
-            negatives = NegativesConfig(temperature=temperature)
-            texts, _ = weaken_negatives(
-                model, processor, scenes, cfg.world, negatives, step, cfg.seed
-            )
-            stats = negative_stats(texts, scenes)
+    for temperature in args.temperatures:
+        config = WeakenConfig(
+            noise_steps=list(args.steps),
+            temperature=temperature,
+            max_new_tokens=cfg.negatives.max_new_tokens,
+            seed=cfg.seed,
+        )
+        answers = weakened_answers(generator, requests, config)  # per scene, one per step
+        for k, step in enumerate(args.steps):
+            texts = [row[k].text for row in answers]
+            stats = hallucination_metrics(texts, scenes)
             words = sum(len(t.split()) for t in texts) / len(texts)
             print(
-                f"{step:4d}  {temperature:.1f}  {stats['with_hallucination']:11.3f}  "
+                f"{step:4d}  {temperature:.1f}  {stats['chair_s']:11.3f}  "
                 f"{stats['chair_i']:7.3f}  {stats['partner_share']:13.3f}  "
                 f"{stats['partner_chance']:6.3f}  {words:5.1f}",
                 flush=True,

@@ -1,9 +1,10 @@
 """Weakened-negative throughput: the batched backend vs a per-sample loop, side by side in one run.
 
 Both sides call `bpo.bootstrap.weaken.weakened_answers` on the same tiny LLaVA, the same
-ShapeWorld requests and the same WeakenConfig: the batched side once with `--batch-size`
-(default 16), the per-sample side in a Python loop, one request at a time with batch_size=1 (the
-official code's way). Noise and sampling are keyed per (seed, request, sample), so both sides must
+ShapeWorld requests and the same WeakenConfig through the transformers backend of `bpo.generate`:
+the batched side once with a `TransformersGenerator` of batch size `--batch-size` (default 16),
+the per-sample side in a Python loop, one request at a time with batch size 1 (the official
+code's way). Noise and sampling are keyed per (seed, request, sample), so both sides must
 produce identical answers; the script asserts that, which makes the comparison like for like.
 
 Run: python benchmarks/weaken_throughput.py   (prints samples/s for both sides and the ratio;
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bpo.bootstrap.generate import GenerationRequest
-from bpo.bootstrap.weaken import WeakenConfig, weakened_answers
+from bpo.bootstrap.config import WeakenConfig
+from bpo.bootstrap.weaken import weakened_answers
+from bpo.generate import GenerationRequest, TransformersGenerator
 from bpo.models.tiny import TinyLlavaConfig, build_tiny_llava
 from bpo.shapeworld.world import WorldConfig, caption, questions, render, sample_scene
 
@@ -87,24 +89,23 @@ def main() -> None:
     model, processor = build_tiny_llava(tokenizer_texts(2000, world, 1), model_config, seed=0)
     requests = build_requests(args.requests, world, seed=2)
     config = WeakenConfig(
-        noise_step=900, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0
+        noise_steps=[900], temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0
     )
+    batch = TransformersGenerator(model, processor, batch_size=args.batch_size)
+    one = TransformersGenerator(model, processor, batch_size=1)
 
     def batched() -> list:
-        return weakened_answers(model, processor, requests, config, batch_size=args.batch_size)
+        return weakened_answers(batch, requests, config)
 
     def per_sample() -> list:
         # indices=[i] keys request i's noise and sampling as the batched call does.
-        return [
-            weakened_answers(model, processor, [r], config, batch_size=1, indices=[i])[0]
-            for i, r in enumerate(requests)
-        ]
+        return [weakened_answers(one, [r], config, indices=[i])[0] for i, r in enumerate(requests)]
 
     # Warm-up: first-call costs (allocator, lazy imports, kernel selection) out of the timings.
-    weakened_answers(model, processor, requests[: args.batch_size], config, args.batch_size)
-    weakened_answers(model, processor, requests[:1], config, batch_size=1)
+    weakened_answers(batch, requests[: args.batch_size], config)
+    weakened_answers(one, requests[:1], config)
 
-    samples = args.requests * config.samples_per_prompt
+    samples = args.requests * len(config.noise_steps) * config.samples_per_prompt
     loop_s, loop_answers = best_of(args.repeats, per_sample)
     batch_s, batch_answers = best_of(args.repeats, batched)
 
@@ -117,7 +118,7 @@ def main() -> None:
     print(
         f"requests={args.requests} samples={samples} batch_size={args.batch_size} "
         f"max_new_tokens={args.max_new_tokens} threads={torch.get_num_threads()} "
-        f"noise_step={config.noise_step} temperature={config.temperature} "
+        f"noise_steps={config.noise_steps} temperature={config.temperature} "
         f"generated_tokens={tokens} best_of={args.repeats}"
     )
     print(f"answers identical (batched vs per-sample): {identical}")

@@ -1,4 +1,7 @@
-"""Every shipped YAML config parses against the schema it claims, so configs never rot."""
+"""Every shipped YAML config parses against the schema it claims, so configs never rot.
+
+The schemas are taken from `bpo.cli`, the entry point that parses these files, so a test here
+parses what `bpo VERB --config FILE` (or `--recipe FILE`) parses."""
 
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ import pytest
 import yaml
 from jsonargparse import ArgumentParser
 
+from bpo.cli import BootstrapConfig, DemoConfig, EvalConfig, TrainConfig
 from bpo.models.load import ModelConfig
-from bpo.shapeworld.demo import DemoConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -56,7 +59,7 @@ def parse_stage(path: Path, stage: str, schema: type):
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
 def test_train_configs_match_the_train_schema(path):
     """Each parses as `bpo train` reads it: every key known, every value of its field's type."""
-    from bpo.train.config import TrainConfig, check_config
+    from bpo.train.config import check_config
 
     raw = stage_config(path, "train")
     known = {f.name for f in fields(TrainConfig)}
@@ -69,14 +72,20 @@ def test_train_configs_match_the_train_schema(path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_bootstrap_and_eval_sections_match_their_schemas(path):
-    """A recipe's `bootstrap:` and `eval:` sections parse as those verbs read them."""
-    from bpo.bootstrap.run import BootstrapConfig
-    from bpo.evaluate.runner import EvalConfig
-    from bpo.evaluate.runner import check_config as check_eval
+    """A recipe's `bootstrap:` and `eval:` sections parse as those verbs read them, and pass
+    their stage's checks (the ones `bpo bootstrap` and `bpo eval` make before any work)."""
+    from bpo.bootstrap.config import check_config as check_bootstrap
+    from bpo.evaluate.config import check_config as check_eval
 
     assert set(yaml.safe_load(path.read_text())) == {"bootstrap", "train", "eval"}
+    raw = stage_config(path, "bootstrap")["run"]
+    known = {f.name for f in fields(BootstrapConfig)}
+    assert set(raw) <= known, f"{path.name}: unknown keys {set(raw) - known}"
     boot = parse_stage(path, "bootstrap", BootstrapConfig)
+    check_bootstrap(boot)
     assert boot.model.trust_remote_code is False and boot.data and boot.image_root
+    assert boot.weaken.noise_steps == [900] and boot.inject.kind == "self"
+    assert (boot.weaken.min_length_ratio, boot.weaken.max_length_ratio) == (None, None)
     evaluate = parse_stage(path, "eval", EvalConfig)
     check_eval(evaluate)
     assert evaluate.judge.api_key_env == "OPENAI_API_KEY"
@@ -85,8 +94,6 @@ def test_recipe_bootstrap_and_eval_sections_match_their_schemas(path):
 def test_paper_configs_spell_out_the_papers_recipe():
     """LoRA r=32, alpha=256, dropout 0.05, lr 2e-6, beta 0.1, 2 epochs, cosine with 3% warmup,
     bf16, max length 2048, 32 pairs per step on 8 GPUs."""
-    from bpo.train.config import TrainConfig
-
     for size in ("7b", "13b"):
         run = parse_stage(CONFIGS / f"llava-1.5-{size}-bpo.yaml", "train", TrainConfig)
         assert run.model.name_or_path == f"llava-hf/llava-1.5-{size}-hf"

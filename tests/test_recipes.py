@@ -42,8 +42,13 @@ def test_recipe_stages_chain_through_their_folders(path):
     assert recipe["eval"]["out"].startswith(str(Path(train["out"]).parent))
     # The paper's negatives: noise step 900 of the sigmoid schedule at T = 1; the model's own LM.
     weaken, inject = boot["weaken"], boot["inject"]
-    assert (weaken["noise_step"], weaken["schedule"], weaken["temperature"]) == (900, "sigmoid", 1)
-    assert weaken["enabled"] and inject["enabled"] and inject["kind"] == "self"
+    assert isinstance(weaken, dict) and isinstance(inject, dict)  # neither method is off (null)
+    assert (weaken["noise_steps"], weaken["schedule"], weaken["temperature"]) == (
+        [900],
+        "sigmoid",
+        1,
+    )
+    assert inject["kind"] == "self"
     names = [b["name"] for b in evaluate["benchmarks"]]
     assert names == ["object_halbench", "pope", "mmvet", "llava_bench"]
 
@@ -56,14 +61,21 @@ def test_recipe_flag_becomes_the_sections_config(tmp_path):
         "bootstrap: {run: {out: &p runs/p}}\ntrain: {run: {pairs: *p}}\neval: {out: e}\n"
     )
     assert _recipe_args(["train", "--recipe", str(recipe), "--run.lr", "1"]) == [
-        "train", "--config", '{"run": {"pairs": "runs/p"}}', "--run.lr", "1",
-    ]  # fmt: skip
+        "train",
+        "--config",
+        '{"run": {"pairs": "runs/p"}}',
+        "--run.lr",
+        "1",
+    ]
     assert _recipe_args(["refs", f"--recipe={recipe}"]) == [
-        "refs", "--config", '{"run": {"pairs": "runs/p"}}',
-    ]  # fmt: skip
+        "refs",
+        "--config",
+        '{"run": {"pairs": "runs/p"}}',
+    ]
     assert _recipe_args(["eval", "--out", "x", "--recipe", str(recipe)])[3:] == [
-        "--config", '{"out": "e"}',
-    ]  # fmt: skip
+        "--config",
+        '{"out": "e"}',
+    ]
     assert _recipe_args(["merge", "--recipe", "x"]) == ["merge", "--recipe", "x"]
     recipe.write_text("train: {run: {pairs: p}}\n")
     with pytest.raises(SystemExit, match=r"has no `bootstrap:` section \(it has: train\)"):
@@ -84,6 +96,18 @@ def test_print_config_shows_the_stage_with_overrides(path, capsys):
     assert printed["pairs"] == load(path)["bootstrap"]["run"]["out"]
 
 
+def test_bootstrap_flags_turn_a_method_off_and_set_noise_steps(capsys):
+    """`--run.inject null` turns injection off; `--run.weaken.noise_steps` takes a list."""
+    path = RECIPES[0]
+    flags = ["--run.inject", "null", "--run.weaken.noise_steps", "[500, 900]"]
+    with pytest.raises(SystemExit) as exited:
+        main(["bootstrap", "--recipe", str(path), *flags, "--print_config"])
+    assert exited.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["run"]
+    assert printed["inject"] is None and printed["weaken"]["noise_steps"] == [500, 900]
+    assert printed["weaken"]["seed"] == load(path)["bootstrap"]["run"]["weaken"]["seed"]
+
+
 SAMPLES = 6  # bootstrap.run.limit
 BATCH = 2  # train.run.batch_size
 
@@ -99,15 +123,37 @@ def test_recipe_runs_bootstrap_train_eval(path, tiny_llava_folder, tmp_path, mon
     recipe = load(path)
     main(["shapeworld", "--out", "sw", "--scenes", "4"])
     main(["shapeworld", "--out", "sw-eval", "--scenes", "2", "--seed", "1", "--questions", "false"])
-    tiny = ["--run.model.name_or_path", str(tiny_llava_folder),
-            "--run.model.dtype", "float32", "--run.model.device", "cpu"]  # fmt: skip
+    tiny = [
+        "--run.model.name_or_path",
+        str(tiny_llava_folder),
+        "--run.model.dtype",
+        "float32",
+        "--run.model.device",
+        "cpu",
+    ]
 
-    main([
-        "bootstrap", "--recipe", str(path), *tiny,
-        "--run.data", "sw/data.json", "--run.image_root", "sw", "--run.limit", str(SAMPLES),
-        "--run.weaken.max_new_tokens", "8", "--run.inject.max_new_tokens", "12",
-        "--run.batch_size", "4", "--run.chunk_size", "4",
-    ])  # fmt: skip
+    main(
+        [
+            "bootstrap",
+            "--recipe",
+            str(path),
+            *tiny,
+            "--run.data",
+            "sw/data.json",
+            "--run.image_root",
+            "sw",
+            "--run.limit",
+            str(SAMPLES),
+            "--run.weaken.max_new_tokens",
+            "8",
+            "--run.inject.max_new_tokens",
+            "12",
+            "--run.batch_size",
+            "4",
+            "--run.chunk_size",
+            "4",
+        ]
+    )
     store = Path(recipe["bootstrap"]["run"]["out"])
     samples, _ = split_records(read_llava("sw/data.json", image_root="sw"))
     assert len(samples) > SAMPLES  # the limit cut the file
@@ -123,11 +169,24 @@ def test_recipe_runs_bootstrap_train_eval(path, tiny_llava_folder, tmp_path, mon
     noise = next(p.meta for p in pairs if p.source == "weaken")
     assert (noise["noise_step"], noise["temperature"]) == (900, 1.0)
 
-    main([
-        "train", "--recipe", str(path), *tiny, "--run.image_root", "sw",
-        "--run.batch_size", str(BATCH), "--run.precision", "fp32", "--run.num_workers", "0",
-        "--run.reference_batch_size", "4",
-    ])  # fmt: skip
+    main(
+        [
+            "train",
+            "--recipe",
+            str(path),
+            *tiny,
+            "--run.image_root",
+            "sw",
+            "--run.batch_size",
+            str(BATCH),
+            "--run.precision",
+            "fp32",
+            "--run.num_workers",
+            "0",
+            "--run.reference_batch_size",
+            "4",
+        ]
+    )
     train_out = Path(recipe["train"]["run"]["out"])
     summary = json.loads((train_out / "summary.json").read_text())
     epochs = recipe["train"]["run"]["epochs"]
@@ -146,15 +205,31 @@ def test_recipe_runs_bootstrap_train_eval(path, tiny_llava_folder, tmp_path, mon
 
     benchmarks = [
         {"name": "shapeworld_chair", "data": "sw-eval"},
-        {"name": "shapeworld_pope", "data": "sw-eval", "pope_per_image": 1,
-         "pope_strategies": ["random"]},
-    ]  # fmt: skip
+        {
+            "name": "shapeworld_pope",
+            "data": "sw-eval",
+            "pope_per_image": 1,
+            "pope_strategies": ["random"],
+        },
+    ]
     capsys.readouterr()
-    main([
-        "eval", "--recipe", str(path), "--run.model.dtype", "float32",
-        "--run.model.device", "cpu", "--run.generation.batch_size", "4",
-        "--run.generation.max_new_tokens", "8", "--run.benchmarks", json.dumps(benchmarks),
-    ])  # fmt: skip
+    main(
+        [
+            "eval",
+            "--recipe",
+            str(path),
+            "--run.model.dtype",
+            "float32",
+            "--run.model.device",
+            "cpu",
+            "--run.generation.batch_size",
+            "4",
+            "--run.generation.max_new_tokens",
+            "8",
+            "--run.benchmarks",
+            json.dumps(benchmarks),
+        ]
+    )
     eval_out = Path(recipe["eval"]["out"])
     results = json.loads((eval_out / "results.json").read_text())
     assert results["model"] == str(model_dir) == recipe["eval"]["run"]["model"]["name_or_path"]

@@ -21,9 +21,9 @@ from typing import Literal
 
 from jsonargparse import auto_cli
 
-from bpo.bootstrap.run import BootstrapConfig
-from bpo.evaluate.runner import EvalConfig
-from bpo.shapeworld.demo import DemoConfig
+from bpo.bootstrap.config import BootstrapConfig
+from bpo.demo.config import DemoConfig
+from bpo.evaluate.config import EvalConfig
 from bpo.shapeworld.world import WorldConfig
 from bpo.train.config import TrainConfig
 
@@ -45,7 +45,8 @@ def demo(
         full: also the world seeds of run.full_world_seeds (a world and base model each), every
             seed for the ablation arms, and a noise-step sweep (run.full_noise_steps); slow.
     """
-    from bpo.shapeworld.demo import run_demo
+    from bpo.demo.claim import claim_sentence
+    from bpo.demo.run import run_demo
     from bpo.utils.console import console, print_metrics_table, print_negatives_table
 
     started = time.time()
@@ -68,21 +69,6 @@ def demo(
         console.print(f"prior-driven hallucination ({name}) {verdict}: {checks}")
     console.print(claim_sentence(results["claim"]))
     console.print(f"wrote {Path(out) / 'results.json'} in {time.time() - started:.0f}s")
-
-
-def claim_sentence(claim: dict) -> str:
-    """The paper's claim, as this run measured it, in one sentence."""
-    if claim.get("holds") is None:
-        return f"BPO vs SFT: not compared ({claim.get('reason')})"
-    c, r = claim["chair_i"], claim["recall"]
-    numbers = (
-        f"CHAIR_i base {c['base']:.4f}, SFT {c['sft']:.4f}, BPO {c['bpo']:.4f}; "
-        f"recall SFT {r['sft']:.4f}, BPO {r['bpo']:.4f}"
-    )
-    if claim["holds"]:
-        return f"The claim holds here: BPO hallucinates less than SFT and the base ({numbers})."
-    failed = ", ".join(k for k, v in claim["checks"].items() if not v)
-    return f"The claim does NOT hold here (failed: {failed}) ({numbers})."
 
 
 def shapeworld(
@@ -123,7 +109,7 @@ def evaluate(run: EvalConfig, out: Path = Path("runs/eval")) -> None:
             `bpo eval --config configs/eval/FILE.yaml`.
         out: output folder.
     """
-    from bpo.evaluate.runner import run_eval
+    from bpo.evaluate.run import run_eval
     from bpo.utils.console import console
 
     results = run_eval(run, Path(out), log=console.log)
@@ -137,7 +123,7 @@ def compare(runs: list[Path]) -> None:
     Args:
         runs: output folders of `bpo eval` (or their results.json files).
     """
-    from bpo.evaluate.runner import compare_runs
+    from bpo.evaluate.run import compare_runs
 
     print(compare_runs(runs), end="")
 
@@ -241,7 +227,7 @@ def train(
     """
     from dataclasses import replace
 
-    from bpo.train.trainer import train as run_training
+    from bpo.train.run import train as run_training
     from bpo.utils.console import console
 
     overrides = {"out": out and str(out), "method": method}
@@ -265,10 +251,13 @@ def refs(run: TrainConfig, recompute: bool = False) -> None:
         recompute: discard the stored entries for this model and settings, compute all anew.
     """
     from bpo.models.load import resolve_device
-    from bpo.train.refs import ensure_reference_logps, model_identity
-    from bpo.train.trainer import load_for_training
+    from bpo.train.config import check_config
+    from bpo.train.fingerprint import model_identity
+    from bpo.train.model import load_for_training
+    from bpo.train.refs import ensure_reference_logps
     from bpo.utils.console import console
 
+    check_config(run)  # the settings `bpo train` will refuse, refused before the model loads
     if run.pairs is None or run.image_root is None:
         raise ValueError("bpo refs needs run.pairs (a pair store) and run.image_root")
     model, processor = load_for_training(run, resolve_device(run.model.device))

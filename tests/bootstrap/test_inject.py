@@ -1,42 +1,19 @@
-"""Error-injected negatives: validation, the lexical injector and the LLM rewriters."""
+"""Error-injected negatives: validation and the lexical injector (the rewriters that use a
+language model: test_rewriters.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-import torch
 
-from bpo.bootstrap.inject import (
-    EDIT_TYPES,
-    EndpointRewriter,
+from bpo.bootstrap.config import EDIT_TYPES, InjectConfig
+from bpo.bootstrap.inject.lexical import InjectionVocabulary, inject_errors
+from bpo.bootstrap.inject.rewriters import LexicalRewriter, inject_seed
+from bpo.bootstrap.inject.validate import (
     InjectionStats,
-    InjectionVocabulary,
-    LocalRewriter,
-    causal_lm_from_mllm,
-    inject_errors,
     normalize,
-    rewrite_messages,
     strip_preamble,
     validate_rewrite,
 )
-from bpo.endpoint import EndpointConfig
-from bpo.models.tiny import (
-    TinyLlavaConfig,
-    build_tiny_causal_lm,
-    build_tiny_llava,
-    force_greedy_token,
-)
-
-# The local chat-completions server the judge tests use (tests/ is no package: load it by path).
-_spec = importlib.util.spec_from_file_location(
-    "evaluate_conftest", Path(__file__).parents[1] / "evaluate" / "conftest.py"
-)
-_server = sys.modules.setdefault("evaluate_conftest", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(_server)
-judge_server = _server.judge_server
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -264,155 +241,17 @@ def test_injection_is_deterministic_and_always_accounted(coco, shapes):
     }
 
 
-# --- LLM rewriters ----------------------------------------------------------------------------
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def forced_lm(word: str):
-    """A tiny Llama + tokenizer whose greedy output is `word`, over and over (no EOS)."""
-    model, tokenizer = build_tiny_causal_lm(
-        ["rewrite the description of the image ."] * 8, CHAT_TEMPLATE, extra_tokens=[word]
+def test_lexical_rewriter_keys_each_rewrite_by_its_index(shapes):
+    """Request i is `inject_errors` seeded by inject_seed(seed, i), with the config's edits."""
+    config = InjectConfig(
+        kind="lexical", vocabulary="shapeworld", seed=4, edit_types=["delete_object"]
     )
-    force_greedy_token(model, tokenizer.convert_tokens_to_ids(word))
-    return model, tokenizer
-
-
-@pytest.fixture(scope="module")
-def zebra_lm():
-    return forced_lm("Zebra")
-
-
-def test_prompt_uses_the_chat_template(zebra_lm):
-    model, tokenizer = zebra_lm
-    rewriter = LocalRewriter(model, tokenizer, temperature=0.0)
-    prompt = rewriter.prompt(GOLD)
-    assert prompt.startswith("<|user|>Rewrite the image description below")
-    assert prompt.endswith(f"<|user|>{GOLD}\n<|assistant|>")
-    assert prompt.count("<|assistant|>") == 4  # three examples, then the answer to give
-    qa = rewriter.prompt("It is red.", mode="qa", question="What colour is the bus?")
-    assert qa.endswith(
-        "<|user|>Question: What colour is the bus?\nAnswer: It is red.\n<|assistant|>"
-    )
-    with pytest.raises(ValueError, match="pass question="):
-        rewrite_messages("It is red.", mode="qa")
-
-
-def test_local_rewriter_keeps_the_first_character_and_the_token_limit(zebra_lm):
-    model, tokenizer = zebra_lm
-    for limit in (1, 3):
-        rewriter = LocalRewriter(model, tokenizer, max_new_tokens=limit, temperature=0.0)
-        raw = rewriter.generate([rewriter.prompt(GOLD), rewriter.prompt("A cat.")])
-        # the official code decoded from one character too far and lost the "Z"
-        assert raw == ["Zebra" * limit] * 2
-        zebra = tokenizer.convert_tokens_to_ids("Zebra")
-        assert rewriter.generate_ids([rewriter.prompt(GOLD)]) == [[zebra] * limit]
-    stats = InjectionStats()
-    rewriter = LocalRewriter(model, tokenizer, max_new_tokens=2, temperature=0.0)
-    done = rewriter.rewrite_all(["Zebra crossing.", "ZebraZebra"], stats=stats)
-    assert [(d.text, d.reason) for d in done] == [("ZebraZebra", None), (None, "identical")]
-    assert stats.as_dict() == {"accepted": 1, "rejected": {"identical": 1}}
-
-
-def test_sampled_rewrites_honour_max_new_tokens():
-    model, tokenizer = build_tiny_causal_lm(
-        ["a red dog and a blue cat on a mat ."] * 8, CHAT_TEMPLATE
-    )
-    rewriter = LocalRewriter(model, tokenizer, max_new_tokens=5, temperature=1.0, top_p=1.0)
-    prompts = [rewriter.prompt(GOLD), rewriter.prompt("A cat.")] * 2
-    new_tokens = rewriter.generate_ids(prompts)
-    assert [len(ids) <= 5 for ids in new_tokens] == [True] * 4
-    assert max(len(ids) for ids in new_tokens) == 5  # random weights: some row runs to the limit
-
-
-def test_sampled_rewrites_do_not_depend_on_the_batch():
-    """Temperature 1: six golds rewritten in one run (batches of 4, padded) equal the same golds
-    rewritten in two runs of three given their global indices (batches of 2): request i samples
-    from its own keyed stream, whatever else runs. The six rewrites differ from each other, so a
-    shuffled order could not pass; another seed gives other rewrites."""
-    model, tokenizer = build_tiny_causal_lm(
-        ["a red dog and a blue cat on a mat ."] * 8, CHAT_TEMPLATE
-    )
-    golds = [GOLD, "A cat.", "A red dog on a mat.", GOLD, "A blue cat.", "A dog and a cat."]
-
-    def rewriter(batch_size, seed=0):
-        return LocalRewriter(
-            model, tokenizer, max_new_tokens=6, temperature=1.0, top_p=1.0,
-            batch_size=batch_size, max_ratio=99, seed=seed,
-        )  # fmt: skip
-
-    whole = rewriter(4).rewrite_all(golds)
-    first = rewriter(2).rewrite_all(golds[:3], indices=[0, 1, 2])
-    second = rewriter(2).rewrite_all(golds[3:], indices=[3, 4, 5])
-    assert [r.raw for r in whole] == [r.raw for r in first + second]
-    assert [r.text for r in whole] == [r.text for r in first + second]
-    assert len({r.raw for r in whole}) == 6
-    # GOLD at index 0 and index 3: same prompt, other stream, other rewrite.
-    assert whole[0].raw != whole[3].raw
-    assert [r.raw for r in rewriter(4, seed=1).rewrite_all(golds)] != [r.raw for r in whole]
-    assert rewriter(1).rewrite(golds[4], index=4).raw == whole[4].raw
-
-
-def test_the_mllm_language_model_is_a_causal_lm_sharing_its_weights():
-    texts = ["a red circle and a blue square ."] * 8
-    llava, processor = build_tiny_llava(texts, TinyLlavaConfig(), seed=0)
-    lm = causal_lm_from_mllm(llava)
-    assert lm.lm_head.weight.data_ptr() == llava.lm_head.weight.data_ptr()
-    ids = processor.tokenizer("a red circle and", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        expected = llava(input_ids=ids).logits
-        got = lm(input_ids=ids).logits
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    rewriter = LocalRewriter(
-        lm,
-        processor.tokenizer,
-        max_new_tokens=4,
-        temperature=0.0,
-        chat_template=processor.chat_template,
-    )
-    prompt = rewriter.prompt("a red circle .")
-    assert prompt.startswith("USER: Rewrite the image description") and prompt.endswith(
-        "ASSISTANT:"
-    )
-    assert len(rewriter.generate([prompt])) == 1
-
-
-def test_endpoint_rewriter(judge_server, monkeypatch):
-    monkeypatch.setenv("REWRITER_KEY", "secret")
-    replies = iter(
-        [
-            "Sure! Here is the rewritten description: A brown cat sleeps on a grey sofa.",
-            "A brown dog sleeps on a grey sofa.",
-        ]
-    )
-    judge_server.reply = lambda body: (200, next(replies), {})
-    config = EndpointConfig(
-        base_url=judge_server.url,
-        model="rewriter-7b",
-        api_key_env="REWRITER_KEY",
-        temperature=0.7,
-        max_tokens=64,
-        max_retries=0,
-    )
-    stats = InjectionStats()
-    rewriter = EndpointRewriter(config)
-    try:
-        first = rewriter.rewrite(GOLD, stats=stats)
-        second = rewriter.rewrite("It is red.", mode="qa", question="What colour?", stats=stats)
-    finally:
-        rewriter.close()
-    assert (first.text, first.reason) == ("A brown cat sleeps on a grey sofa.", None)
-    assert (second.text, second.reason) == (None, "too_long")  # 7 words for 3
-    request = judge_server.seen[0]
-    assert request.headers["Authorization"] == "Bearer secret"
-    assert request.body["model"] == "rewriter-7b"
-    assert request.body["temperature"] == 0.7
-    assert request.body["max_tokens"] == 64
-    assert request.body["messages"] == rewrite_messages(GOLD)
-    assert judge_server.seen[1].body["messages"][-1]["content"] == (
-        "Question: What colour?\nAnswer: It is red."
-    )
-    assert stats.as_dict() == {"accepted": 1, "rejected": {"too_long": 1}}
+    rewriter = LexicalRewriter(config)
+    got = rewriter.rewrite_all([SHAPE_CAPTION] * 3, [None] * 3, [0, 1, 9])
+    expected = [
+        inject_errors(SHAPE_CAPTION, shapes, seed=inject_seed(4, i), edit_types=["delete_object"])
+        for i in (0, 1, 9)
+    ]
+    assert [(r.text, r.edits) for r in got] == [(r.text, r.edits) for r in expected]
+    assert {e["type"] for r in got for e in r.edits} == {"delete_object"}
+    assert rewriter.generator == "lexical:shapeworld"

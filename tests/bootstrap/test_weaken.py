@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
-from bootstrap_helpers import mixed_requests
 
-from bpo.bootstrap import GenerationRequest
-from bpo.bootstrap.weaken import (
-    KeyedSampler,
-    WeakenConfig,
-    noise_pixels,
-    nucleus,
-    stream_seed,
-    weakened_answers,
-)
+from bpo.bootstrap.config import WeakenConfig
+from bpo.bootstrap.weaken import noise_pixels, weakened_answers
+from bpo.generate import GenerationRequest, TransformersGenerator, stream_seed
 from bpo.models import build_prompt
+from generation_helpers import mixed_requests
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def requests() -> list[GenerationRequest]:
     return mixed_requests()[:3]
+
+
+def generator(loaded, batch_size: int) -> TransformersGenerator:
+    """The transformers backend over the tiny LLaVA, `batch_size` samples per generate call."""
+    return TransformersGenerator(*loaded, batch_size=batch_size)
 
 
 def full_forward_logits(model, processor, request, pixel_values, generated):
@@ -63,14 +63,14 @@ def test_every_generated_token_is_conditioned_on_the_noised_image_alone(loaded):
     model, processor = loaded
     asked = requests()
     config = WeakenConfig(max_new_tokens=8, samples_per_prompt=2, seed=3)
-    answers = weakened_answers(model, processor, asked, config, batch_size=4, return_logits=True)
+    answers = weakened_answers(generator(loaded, 4), asked, config, return_logits=True)
     checked_steps = 0
     for i, request in enumerate(asked):
         clean = clean_pixels(processor, request)  # (1, C, H, W)
         for j, answer in enumerate(answers[i]):
             assert answer.logits is not None
             assert answer.logits.shape[0] == len(answer.token_ids) >= 1
-            noised = noise_pixels(clean, config, i, j)
+            noised = noise_pixels(clean, 900, config, i, j)
             expected = full_forward_logits(model, processor, request, noised, answer.token_ids)
             torch.testing.assert_close(answer.logits, expected, atol=1e-5, rtol=0)
             with_clean = full_forward_logits(model, processor, request, clean, answer.token_ids)
@@ -84,12 +84,11 @@ def test_batch_of_three_equals_one_by_one(loaded):
     """Sampled answers (temperature 1) do not depend on the batch: the noise and the sampling of
     sample j of request i are keyed by (seed, i, j), so running request i alone with index i
     gives the tokens it got in a padded batch of 3 mixing requests."""
-    model, processor = loaded
     asked = requests()
     config = WeakenConfig(max_new_tokens=8, samples_per_prompt=2, seed=11)
-    batched = weakened_answers(model, processor, asked, config, batch_size=3)
+    batched = weakened_answers(generator(loaded, 3), asked, config)
     alone = [
-        weakened_answers(model, processor, [r], config, batch_size=1, indices=[i])[0]
+        weakened_answers(generator(loaded, 1), [r], config, indices=[i])[0]
         for i, r in enumerate(asked)
     ]
     assert [[a.token_ids for a in row] for row in batched] == [
@@ -101,21 +100,22 @@ def test_batch_of_three_equals_one_by_one(loaded):
 
 
 def test_same_seed_same_answers_other_seed_other_noise_and_answers(loaded):
-    model, processor = loaded
+    _, processor = loaded
     asked = requests()
     config = WeakenConfig(max_new_tokens=8, seed=0)
-    first = weakened_answers(model, processor, asked, config, batch_size=2)
-    again = weakened_answers(model, processor, asked, config, batch_size=2)
-    other = weakened_answers(model, processor, asked, WeakenConfig(max_new_tokens=8, seed=1))
+    first = weakened_answers(generator(loaded, 2), asked, config)
+    again = weakened_answers(generator(loaded, 2), asked, config)
+    other = weakened_answers(generator(loaded, 8), asked, WeakenConfig(max_new_tokens=8, seed=1))
     ids = [[a.token_ids for a in row] for row in first]
     assert ids == [[a.token_ids for a in row] for row in again]
     assert ids != [[a.token_ids for a in row] for row in other]
     clean = clean_pixels(processor, asked[0])
     seed0, seed1 = WeakenConfig(seed=0), WeakenConfig(seed=1)
-    assert torch.equal(noise_pixels(clean, seed0, 0, 0), noise_pixels(clean, seed0, 0, 0))
-    assert not torch.allclose(noise_pixels(clean, seed0, 0, 0), noise_pixels(clean, seed1, 0, 0))
-    assert not torch.allclose(noise_pixels(clean, seed0, 0, 0), noise_pixels(clean, seed0, 1, 0))
-    assert not torch.allclose(noise_pixels(clean, seed0, 0, 0), noise_pixels(clean, seed0, 0, 1))
+    same = noise_pixels(clean, 900, seed0, 0, 0)
+    assert torch.equal(same, noise_pixels(clean, 900, seed0, 0, 0))
+    assert not torch.allclose(same, noise_pixels(clean, 900, seed1, 0, 0))
+    assert not torch.allclose(same, noise_pixels(clean, 900, seed0, 1, 0))
+    assert not torch.allclose(same, noise_pixels(clean, 900, seed0, 0, 1))
 
 
 def test_noise_pixels_is_the_forward_process_at_the_configured_step(loaded):
@@ -124,17 +124,16 @@ def test_noise_pixels_is_the_forward_process_at_the_configured_step(loaded):
     5 / sqrt(2 * 3072) = 6.4% relative; sqrt(abar_900) = 0.3657961235."""
     _, processor = loaded
     clean = clean_pixels(processor, requests()[2]).double()
-    noised = noise_pixels(clean.float(), WeakenConfig(), 0, 0).double()
+    noised = noise_pixels(clean.float(), 900, WeakenConfig(), 0, 0).double()
     residual = noised - 0.3657961235 * clean
     assert abs(float(residual.std()) / 0.930695007 - 1) < 5 / math.sqrt(2 * 3072)
 
 
 def test_meta_records_what_made_each_sample(loaded):
-    model, processor = loaded
     config = WeakenConfig(
-        noise_step=500, schedule="linear", temperature=0.7, top_p=0.9, max_new_tokens=4, seed=5
+        noise_steps=[500], schedule="linear", temperature=0.7, top_p=0.9, max_new_tokens=4, seed=5
     )
-    answers = weakened_answers(model, processor, requests()[:2], config, indices=[40, 41])
+    answers = weakened_answers(generator(loaded, 8), requests()[:2], config, indices=[40, 41])
     assert answers[1][0].meta == {
         "noise_step": 500,
         "schedule": "linear",
@@ -149,48 +148,52 @@ def test_meta_records_what_made_each_sample(loaded):
     assert 1 <= len(answers[1][0].token_ids) <= 4
 
 
-def test_nucleus_keeps_the_smallest_set_reaching_top_p():
-    """probs (0.5, 0.3, 0.15, 0.05). Ascending, the mass up to each token is 0.05, 0.20, 0.50,
-    1.00. top_p = 0.8 drops tokens whose mass-up-to is <= 0.2 (0.05 and 0.15): {0.5, 0.3} = 0.8
-    is kept. top_p = 0.75 keeps the same two; top_p = 0.85 also keeps 0.15 (0.2 > 0.15).
-    Temperature 2 halves the logits."""
-    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    assert torch.isinf(nucleus(logits, 1.0, 0.8)).tolist() == [[False, False, True, True]]
-    assert torch.isinf(nucleus(logits, 1.0, 0.75)).tolist() == [[False, False, True, True]]
-    assert torch.isinf(nucleus(logits, 1.0, 0.85)).tolist() == [[False, False, False, True]]
-    torch.testing.assert_close(nucleus(logits, 2.0, 1.0), logits / 2)
-    kept = nucleus(logits, 1.0, 0.8).softmax(-1)
-    torch.testing.assert_close(kept, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
-
-
-def test_keyed_sampler_draws_from_the_tempered_distribution():
-    """4000 rows, each with its own seed, share the logits log(0.5, 0.3, 0.2) at temperature 1:
-    each token's frequency is within 5 standard errors sqrt(p (1 - p) / 4000) (<= 0.0079) of p.
-    At temperature 0 the sampler is greedy."""
-    n = 4000
-    logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(n, 3)
-    forced = KeyedSampler(list(range(n)), 1.0, 1.0)(None, logits.clone())  # type: ignore[arg-type]
-    assert bool((torch.isfinite(forced).sum(-1) == 1).all())
-    counts = torch.bincount(forced.argmax(-1), minlength=3).double() / n
-    for p, f in zip([0.5, 0.3, 0.2], counts.tolist(), strict=True):
-        assert abs(f - p) < 5 * math.sqrt(p * (1 - p) / n)
-    greedy = KeyedSampler([0, 1], 0.0, 1.0)(None, logits[:2].clone())  # type: ignore[arg-type]
-    assert greedy.argmax(-1).tolist() == [0, 0]
-
-
-def test_streams_are_keyed_by_seed_request_sample_and_purpose():
-    seeds = {stream_seed(s, i, j, k) for s in (0, 1) for i in (0, 1) for j in (0, 1) for k in "ab"}
-    assert len(seeds) == 16
-    assert all(0 <= s < 2**63 for s in seeds)
-    assert stream_seed(0, 1, 2, "noise") == stream_seed(0, 1, 2, "noise")
+def test_several_noise_steps_make_their_own_samples(loaded):
+    """noise_steps [300, 900] x samples_per_prompt 2: sample indices 0, 1 at step 300 and 2, 3
+    at step 900, each keyed by its own sample index. Greedy (temperature 0), each sample's
+    logits equal a full forward pass on `noise_pixels` at its own step and index, so neither
+    the step nor the key of another sample was used; the four noise streams are distinct, and
+    the samples at step 300 are those of noise_steps [300] alone (a step added later does not
+    move the earlier ones)."""
+    model, processor = loaded
+    asked = requests()[:2]
+    config = WeakenConfig(
+        noise_steps=[300, 900], samples_per_prompt=2, temperature=0.0, max_new_tokens=4, seed=2
+    )
+    answers = weakened_answers(
+        generator(loaded, 3), asked, config, indices=[20, 21], return_logits=True
+    )
+    for i, (request, row) in enumerate(zip(asked, answers, strict=True)):
+        assert [a.meta["sample_index"] for a in row] == [0, 1, 2, 3]
+        assert [a.meta["noise_step"] for a in row] == [300, 300, 900, 900]
+        assert {a.meta["request_index"] for a in row} == {20 + i}
+        clean = clean_pixels(processor, request)
+        noised = [
+            noise_pixels(clean, a.meta["noise_step"], config, 20 + i, k) for k, a in enumerate(row)
+        ]
+        for a, pixels in zip(row, noised, strict=True):
+            expected = full_forward_logits(model, processor, request, pixels, a.token_ids)
+            torch.testing.assert_close(a.logits, expected, atol=1e-5, rtol=0)
+        for k in range(4):
+            for other in range(k):
+                assert not torch.allclose(noised[k], noised[other])
+    keys = {stream_seed(2, i, k, "noise") for i in (20, 21) for k in range(4)}
+    assert len(keys) == 8
+    alone = weakened_answers(
+        generator(loaded, 3), asked, replace(config, noise_steps=[300]), indices=[20, 21]
+    )
+    assert [[a.token_ids for a in row] for row in alone] == [
+        [a.token_ids for a in row[:2]] for row in answers
+    ]
 
 
 def test_bad_requests_and_configs_are_refused_with_the_reason(loaded):
-    model, processor = loaded
     no_image = GenerationRequest([{"role": "user", "content": "Describe the image."}], None)
     with pytest.raises(ValueError, match="request 7 has no image"):
-        weakened_answers(model, processor, [no_image], indices=[7])
+        weakened_answers(generator(loaded, 8), [no_image], indices=[7])
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
-        weakened_answers(model, processor, requests(), WeakenConfig(top_p=0.0))
+        weakened_answers(generator(loaded, 8), requests(), WeakenConfig(top_p=0.0))
     with pytest.raises(ValueError, match=r"noise step must be an integer in \[0, 999\]"):
-        weakened_answers(model, processor, requests(), WeakenConfig(noise_step=1000))
+        weakened_answers(generator(loaded, 8), requests(), WeakenConfig(noise_steps=[1000]))
+    with pytest.raises(ValueError, match="2 indices for 3 requests"):
+        weakened_answers(generator(loaded, 8), requests(), indices=[0, 1])

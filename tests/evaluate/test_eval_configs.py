@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from jsonargparse import ArgumentParser
 
-from bpo.bootstrap.generate import GenerateConfig
 from bpo.endpoint import EndpointConfig
-from bpo.evaluate.runner import BenchmarkConfig, EvalConfig, check_config
+from bpo.evaluate.config import BenchmarkConfig, EvalConfig, check_config
+from bpo.generate.config import GenerateConfig
 from bpo.models.load import ModelConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "eval"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from bpo.generate import Decoding, TransformersGenerator
 from bpo.models import build_prompt, load_model_and_processor
 
 NEW_TOKENS = 8
@@ -50,3 +51,28 @@ def test_left_padded_batch_matches_single_prompts(tiny, image):
     _, right_padded = generate(model, processor, [image, image], prompts)
     _, alone = generate(model, processor, [image], prompts[:1])
     assert right_padded[0].tolist() != alone[0].tolist()
+
+
+def test_the_generation_layer_pads_on_the_left_whatever_the_tokenizer_says(tiny, image):
+    """`TransformersGenerator` given a processor set to pad on the right still answers each
+    prompt with what it gets alone: it pads on the left itself."""
+    model, processor = load_model_and_processor(
+        str(tiny[2]), dtype="float32", device="cpu", attn_implementation="eager"
+    )
+    requests = [
+        {"messages": [{"role": "user", "content": "<image>\nDescribe the image."}], "image": image},
+        {
+            "messages": [
+                {"role": "user", "content": "<image>\nDescribe the image."},
+                {"role": "assistant", "content": "a red circle and a blue square ."},
+                {"role": "user", "content": "How many shapes are there?"},
+            ],
+            "image": image,
+        },
+    ]
+    prompts = [build_prompt(processor, r["messages"]) for r in requests]
+    alone = [generate(model, processor, [image], [p])[1][0].tolist() for p in prompts]
+    processor.tokenizer.padding_side = "right"
+    decoding = Decoding(NEW_TOKENS, extra={"min_new_tokens": NEW_TOKENS})
+    batched = TransformersGenerator(model, processor, batch_size=2).generate(requests, decoding)
+    assert [g.token_ids for g in batched] == alone

@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
 
-from bpo.bootstrap.generate import generate_answers
-from bpo.bootstrap.weaken import WeakenConfig, noise_pixels, weakened_answers
+from bpo.bootstrap.config import WeakenConfig
+from bpo.bootstrap.weaken import noise_pixels, weakened_answers
 from bpo.data.records import PreferencePair
+from bpo.generate import Decoding, TransformersGenerator
 from bpo.models import (
     build_full_text,
     build_prompt,
@@ -145,12 +146,26 @@ def test_answers_end_with_end_of_utterance(loaded, texts):
     prompt_ids, answer_ids = tokenize_prompt_and_answer(processor, ONE_TURN, "a red circle .")
     # The template writes the BOS, so the tokenizer adds none.
     assert tokenizer.convert_ids_to_tokens(prompt_ids) == [
-        "<|im_start|>", "User", ":", "<image>", "Describe", "Ġthe", "Ġimage", ".",
-        "<end_of_utterance>", "Ċ", "Assistant", ":",
-    ]  # fmt: skip
+        "<|im_start|>",
+        "User",
+        ":",
+        "<image>",
+        "Describe",
+        "Ġthe",
+        "Ġimage",
+        ".",
+        "<end_of_utterance>",
+        "Ċ",
+        "Assistant",
+        ":",
+    ]
     assert tokenizer.convert_ids_to_tokens(answer_ids) == [
-        "Ġa", "Ġred", "Ġcircle", "Ġ.", "<end_of_utterance>",
-    ]  # fmt: skip
+        "Ġa",
+        "Ġred",
+        "Ġcircle",
+        "Ġ.",
+        "<end_of_utterance>",
+    ]
     assert answer_ids[-1] == tokenizer.eos_token_id == loaded[0].generation_config.eos_token_id
     for messages in (ONE_TURN, TWO_TURNS, WITH_SYSTEM):
         for answer in [*texts, "  two", "red.", "\nyes"]:
@@ -207,25 +222,28 @@ def test_batched_generation_equals_a_greedy_loop(loaded, images):
     model, processor = loaded
     tokenizer = processor.tokenizer
     batch = requests(images)
-    answers = generate_answers(model, processor, batch, batch_size=3, max_new_tokens=NEW_TOKENS)
-    for request, answer in zip(batch, answers, strict=True):
+    generated = TransformersGenerator(model, processor, 3).generate(batch, Decoding(NEW_TOKENS))
+    answers = [g.text for g in generated]
+    for request, answer, generation in zip(batch, answers, generated, strict=True):
         prompt = build_prompt(processor, request["messages"])
         inputs = processor(images=request["image"], text=prompt, return_tensors="pt")
         tokens = greedy_loop(model, inputs, tokenizer.eos_token_id)
         assert answer == tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        assert generation.token_ids == tokens
     assert len(set(answers)) > 1  # the rows are not one answer repeated
 
 
 def test_weakened_answers_equal_a_greedy_loop_on_the_noised_pixels(loaded, images):
     model, processor = loaded
-    config = WeakenConfig(noise_step=500, temperature=0.0, max_new_tokens=NEW_TOKENS, seed=3)
+    config = WeakenConfig(noise_steps=[500], temperature=0.0, max_new_tokens=NEW_TOKENS, seed=3)
     batch = requests(images)
-    answers = weakened_answers(model, processor, batch, config, batch_size=3, indices=[7, 8, 9])
+    generator = TransformersGenerator(model, processor, 3)
+    answers = weakened_answers(generator, batch, config, indices=[7, 8, 9])
     for request, key, (answer,) in zip(batch, [7, 8, 9], answers, strict=True):
         prompt = build_prompt(processor, request["messages"])
         inputs = processor(images=request["image"], text=prompt, return_tensors="pt")
         clean = inputs["pixel_values"]
-        inputs["pixel_values"] = noise_pixels(clean, config, key, 0)  # (1, 1, C, H, W)
+        inputs["pixel_values"] = noise_pixels(clean, 500, config, key, 0)  # (1, 1, C, H, W)
         assert not torch.allclose(inputs["pixel_values"], clean)
         assert answer.token_ids == greedy_loop(model, inputs, processor.tokenizer.eos_token_id)
         assert answer.meta["request_index"] == key
@@ -254,8 +272,8 @@ def test_weakened_answers_with_split_images_do_not_depend_on_the_batch(loaded):
     real = pixels["pixel_values"].flatten(2).ne(0).any(-1)  # (B, images): not padding
     assert real.sum(1).tolist() == [5, 3]  # 4 crops + whole; 2 crops + whole and 2 padding
     config = WeakenConfig(max_new_tokens=4)
-    alone = weakened_answers(model, processor, batch, config, batch_size=1)
-    together = weakened_answers(model, processor, batch, config, batch_size=2)
+    alone = weakened_answers(TransformersGenerator(model, processor, 1), batch, config)
+    together = weakened_answers(TransformersGenerator(model, processor, 2), batch, config)
     assert [a[0].token_ids for a in together] == [a[0].token_ids for a in alone]
 
 

@@ -33,8 +33,17 @@ def test_specials_are_single_tokens(tokenizer):
 
 
 def test_words_of_the_corpus_are_merged(tokenizer):
-    assert tokenizer.convert_ids_to_tokens(tokenizer("a red circle and a blue square .")["input_ids"]) == [
-        "a", "Ġred", "Ġcircle", "Ġand", "Ġa", "Ġblue", "Ġsquare", "Ġ.",
-    ]  # fmt: skip
+    assert tokenizer.convert_ids_to_tokens(
+        tokenizer("a red circle and a blue square .")["input_ids"]
+    ) == [
+        "a",
+        "Ġred",
+        "Ġcircle",
+        "Ġand",
+        "Ġa",
+        "Ġblue",
+        "Ġsquare",
+        "Ġ.",
+    ]
     assert len(tokenizer) <= 512  # the corpus runs out of merges first
     assert tokenizer.padding_side == "left"

@@ -65,8 +65,9 @@ def test_viewer_takes_each_source_and_noise_step_in_turn():
 
     def pair(i, source, step):
         meta = {"noise_step": step} if step is not None else {}
-        return PreferencePair(f"p{i}", None, [{"role": "user", "content": "q"}], "a", "b",
-                              source=source, meta=meta)  # fmt: skip
+        return PreferencePair(
+            f"p{i}", None, [{"role": "user", "content": "q"}], "a", "b", source=source, meta=meta
+        )
 
     store = [pair(i, "weaken", 100) for i in range(3)]
     store += [pair(i, "weaken", 900) for i in range(3, 6)]
@@ -74,8 +75,15 @@ def test_viewer_takes_each_source_and_noise_step_in_turn():
     shown = spread_pairs(store, limit=5)
     assert [p.id for p in shown] == ["p0", "p3", "p6", "p1", "p4"]
     assert [p.id for p in spread_pairs(store, limit=100)] == [
-        "p0", "p3", "p6", "p1", "p4", "p7", "p2", "p5",
-    ]  # fmt: skip
+        "p0",
+        "p3",
+        "p6",
+        "p1",
+        "p4",
+        "p7",
+        "p2",
+        "p5",
+    ]
 
 
 def test_viewer_reports_an_image_outside_the_root_instead_of_reading_it(tmp_path):

@@ -39,8 +39,13 @@ def test_grid_words_are_single_tokens_of_the_tiny_tokenizer():
     cfg = WorldConfig(shapes=("circle", "ring"), colours=("red", "white"))
     vocabulary = grid_vocabulary(cfg)
     assert vocabulary == [
-        EMPTY_CELL, UNKNOWN_CELL, "[red circle]", "[white circle]", "[red ring]", "[white ring]",
-    ]  # fmt: skip
+        EMPTY_CELL,
+        UNKNOWN_CELL,
+        "[red circle]",
+        "[white circle]",
+        "[red ring]",
+        "[white ring]",
+    ]
     tokenizer = train_bpe_tokenizer(
         ["a red circle and a white ring."] * 20, vocab_size=300, extra_tokens=vocabulary
     )

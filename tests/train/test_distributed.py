@@ -20,13 +20,22 @@ from safetensors.torch import load_file
 from trainer_helpers import make_pairs, tiny_config, write_store
 
 from bpo.train.config import LoraSettings
-from bpo.train.trainer import epoch_batches, train
+from bpo.train.data import epoch_batches
+from bpo.train.distributed import check_launch
+from bpo.train.run import train
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 LAUNCH_TIMEOUT_S = 180
-CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-          "logps/rejected", "grad_norm")  # fmt: skip
+CURVES = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "grad_norm",
+)
 
 
 def free_port() -> int:
@@ -38,9 +47,13 @@ def free_port() -> int:
 def launch(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run `command` in its own process group; kill the whole group if it outlives the timeout."""
     proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -73,9 +86,14 @@ def one_and_two_processes(
     store, image_root = write_store(tmp_path / "data", pairs)
     env = {**os.environ, "BPO_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     common = dict(
-        pairs=str(store), image_root=str(image_root), batch_size=1, epochs=2, lr=1e-3,
-        lora=LoraSettings(r=4, alpha=8, dropout=0.0, merge=True), **settings,
-    )  # fmt: skip
+        pairs=str(store),
+        image_root=str(image_root),
+        batch_size=1,
+        epochs=2,
+        lr=1e-3,
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0, merge=True),
+        **settings,
+    )
     single = tiny_config(tiny_llava_folder, tmp_path / "one", grad_accum=2, **common)
     ddp = tiny_config(tiny_llava_folder, tmp_path / "ddp", grad_accum=1, **common)
 
@@ -86,11 +104,16 @@ def one_and_two_processes(
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(yaml.safe_dump({"run": json.loads(json.dumps(asdict(ddp)))}))
     torchrun = Path(sys.executable).with_name("torchrun")
-    done = launch(
-        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "-m", "bpo.cli", "train", "--config", str(config_file)],
-        env,
-    )  # fmt: skip
+    command = [str(torchrun), "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    command += [
+        f"--master_port={free_port()}",
+        "-m",
+        "bpo.cli",
+        "train",
+        "--config",
+        str(config_file),
+    ]
+    done = launch(command, env)
     assert done.returncode == 0, done.stdout[-4000:]
     return done
 
@@ -174,7 +197,7 @@ def test_accelerate_config_agrees_with_the_llava_training_config(path, size):
 
 
 def _fake_deepspeed_accelerator(ds_config: dict, processes: int = 8):
-    """Just what `_check_launch` reads of an accelerator launched with DeepSpeed (none here)."""
+    """Just what `check_launch` reads of an accelerator launched with DeepSpeed (none here)."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -190,12 +213,16 @@ def _fake_deepspeed_accelerator(ds_config: dict, processes: int = 8):
 def test_deepspeed_settings_are_filled_from_the_training_config(tmp_path):
     """No DataLoader reaches accelerate, so the trainer fills DeepSpeed's batch sizes: 4 pairs per
     micro-batch x 2 accumulated x 8 processes = 64 per step."""
-    from bpo.train.trainer import _check_launch
-
-    ds = {"gradient_accumulation_steps": "auto", "gradient_clipping": 1.0,
-          "train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}  # fmt: skip
-    _check_launch(tiny_config(tmp_path, None, batch_size=4, grad_accum=2, max_grad_norm=1.0),
-                  _fake_deepspeed_accelerator(ds))  # fmt: skip
+    ds = {
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": 1.0,
+        "train_micro_batch_size_per_gpu": "auto",
+        "zero_optimization": {"stage": 2},
+    }
+    check_launch(
+        tiny_config(tmp_path, None, batch_size=4, grad_accum=2, max_grad_norm=1.0),
+        _fake_deepspeed_accelerator(ds),
+    )
     assert ds["gradient_accumulation_steps"] == 2 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["train_batch_size"] == 64
 
@@ -203,17 +230,24 @@ def test_deepspeed_settings_are_filled_from_the_training_config(tmp_path):
 @pytest.mark.parametrize(
     ("ds", "overrides", "message"),
     [
-        ({"gradient_accumulation_steps": 1, "gradient_clipping": 1.0}, {"grad_accum": 4},
-         "gradient_accumulation_steps is 1 but the training config's grad_accum is 4"),
-        ({"gradient_accumulation_steps": 1, "gradient_clipping": 1.0}, {"max_grad_norm": None},
-         "gradient_clipping is 1.0 but the training config's max_grad_norm is None"),
-        ({"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}},
-         {"lora": LoraSettings(merge=True)}, "lora.merge cannot merge"),
+        (
+            {"gradient_accumulation_steps": 1, "gradient_clipping": 1.0},
+            {"grad_accum": 4},
+            "gradient_accumulation_steps is 1 but the training config's grad_accum is 4",
+        ),
+        (
+            {"gradient_accumulation_steps": 1, "gradient_clipping": 1.0},
+            {"max_grad_norm": None},
+            "gradient_clipping is 1.0 but the training config's max_grad_norm is None",
+        ),
+        (
+            {"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}},
+            {"lora": LoraSettings(merge=True)},
+            "lora.merge cannot merge",
+        ),
     ],
-)  # fmt: skip
+)
 def test_deepspeed_settings_that_disagree_stop_the_run(tmp_path, ds, overrides, message):
-    from bpo.train.trainer import _check_launch
-
     config = tiny_config(tmp_path, None, **{"max_grad_norm": 1.0, **overrides})
     with pytest.raises(ValueError, match=message):
-        _check_launch(config, _fake_deepspeed_accelerator(ds))
+        check_launch(config, _fake_deepspeed_accelerator(ds))

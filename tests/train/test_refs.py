@@ -16,15 +16,10 @@ from bpo.data.store import PairWriter, StoreError
 from bpo.models import load_model_and_processor
 from bpo.models.tiny import TinyLlavaConfig, build_model, save_tiny_llava
 from bpo.train.batch import collate_pairs, encode_pair
+from bpo.train.data import PairDataset, score_pairs
+from bpo.train.fingerprint import cached_file_sha256, model_identity, reference_fingerprint
 from bpo.train.logprobs import pair_logps
-from bpo.train.refs import (
-    cached_file_sha256,
-    compute_reference_logps,
-    ensure_reference_logps,
-    load_reference_logps,
-    model_identity,
-    reference_fingerprint,
-)
+from bpo.train.refs import ensure_reference_logps, load_reference_logps
 
 STORE_CONFIG = {"stage": "refs-test"}
 DESCRIBE = [{"role": "user", "content": "<image>\nDescribe the image."}]
@@ -309,11 +304,8 @@ def test_killed_pass_resumes(reference, store, image_root, identity):
 
 
 def test_recompute_reuses_nothing(reference, store, image_root, identity):
-    model, processor = reference
     ensure(reference, store, image_root, identity)
-    table = compute_reference_logps(
-        model, processor, store, image_root, model_identity=identity, progress=False
-    )
+    table = ensure(reference, store, image_root, identity, recompute=True)
     assert (table.computed, table.reused) == (4, 0)
 
 
@@ -356,3 +348,31 @@ def test_damaged_files_are_named_not_reused(reference, store, image_root, identi
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(StoreError, match="describes other settings"):
         ensure(reference, store, image_root, identity)
+
+
+def test_an_empty_answer_is_reported_and_the_rest_of_its_batch_scored(
+    reference, tmp_path, image_root, identity
+):
+    """Pairs a, b, c form the first batch of 3; b's rejected answer is blank."""
+    pairs = make_pairs()
+    pairs[1] = replace(pairs[1], rejected=" ")
+    store = write_store(tmp_path / "pairs", pairs)
+    table = ensure(reference, store, image_root, identity)
+    message = "pair b:test:0: the rejected answer is empty; fix or drop the pair"
+    assert table.bad == {"b:test:0": message} and table.bad_reasons == {"b:test:0": "empty_answer"}
+    assert [p.key for p in table.pairs] == ["a:test:0", "c:test:0", "d:test:0"]
+    assert table.computed == 3
+
+
+def test_the_store_pass_and_in_memory_scoring_are_one_path(reference, store, image_root, identity):
+    """The same pairs in the same batches of 3: the cached entries are score_pairs' numbers,
+    exactly (the pass is score_pairs, plus the file)."""
+    model, processor = reference
+    table = ensure(reference, store, image_root, identity)
+    scores, bad = score_pairs(model, PairDataset(make_pairs(), processor, image_root), 3)
+    assert bad == []
+
+    def numbers(entry):
+        return entry.key, entry.ref_chosen_logp, entry.ref_rejected_logp, entry.chosen_tokens
+
+    assert [numbers(s) for s in scores] == [numbers(e) for e in table.entries.values()]

@@ -146,8 +146,12 @@ def check_inject(config: InjectConfig) -> None:
         raise ValueError(f"inject.max_new_tokens must be at least 1, got {config.max_new_tokens}")
 
 
-def check_config(config: BootstrapConfig, engine_given: bool = False) -> None:
-    """Every setting, checked before the store opens or a model loads."""
+def check_config(config: BootstrapConfig) -> None:
+    """Every setting, checked before the store opens or a model loads.
+
+    Backend "vllm" needs the vllm package even with a stand-in engine (`run_bootstrap`'s
+    `engine_factory`): its `SamplingParams` carry each request's settings to the engine.
+    """
     if config.num_shards < 1 or not 0 <= config.shard_index < config.num_shards:
         raise ValueError(
             f"shard_index must be in [0, num_shards); got shard_index={config.shard_index}, "
@@ -164,8 +168,7 @@ def check_config(config: BootstrapConfig, engine_given: bool = False) -> None:
         check_weaken(config.weaken)
     if config.inject is not None:
         check_inject(config.inject)
-    if not engine_given:
-        check_backend(config.backend)  # a missing vllm fails here, before the store is opened
+    check_backend(config.backend)  # a missing vllm fails here, before the store is opened
 
 
 # Fields that change where or how fast output is written, never what it holds.

@@ -252,9 +252,11 @@ class _Bootstrapper:
         if c.source != "weaken":
             return None
         ratio = rejected / chosen
-        low, high = weaken.min_length_ratio, weaken.max_length_ratio
-        if (high is not None and ratio > high) or (low is not None and ratio < low):
-            return f"{rejected} tokens vs the gold's {chosen}, outside [{low}, {high}]"
+        length = f"{rejected} tokens, {ratio:.2f}x the gold answer's {chosen}"
+        if weaken.max_length_ratio is not None and ratio > weaken.max_length_ratio:
+            return f"{length}: above weaken.max_length_ratio {weaken.max_length_ratio}"
+        if weaken.min_length_ratio is not None and ratio < weaken.min_length_ratio:
+            return f"{length}: below weaken.min_length_ratio {weaken.min_length_ratio}"
         return None
 
     def process(self, items: list[_Item]) -> Iterator[PreferencePair | BadRecord]:
@@ -342,7 +344,7 @@ def run_bootstrap(
         engine_factory: backend "vllm": makes the engine from (config.model, config.vllm)
             instead of `vllm.LLM` (tests hand in a stand-in).
     """
-    check_config(config, engine_given=engine_factory is not None)
+    check_config(config)
     data = Path(config.data)
     image_root = Path(config.image_root) if config.image_root else data.parent
     total = _count_shard_samples(config) if progress else 0

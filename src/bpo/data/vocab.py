@@ -24,9 +24,19 @@ NON_OBJECT_PHRASES = ("home plate", "train track")
 # "baby elephant" is an elephant, not a person (`baby` and `adult` are person synonyms); "baby
 # animal" and "adult cub" are no COCO object at all.
 ANIMAL_WORDS = (
-    "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe",
-    "animal", "cub",
-)  # fmt: skip
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "animal",
+    "cub",
+)
 # "passenger jet" is an airplane and "passenger train" a train, not a person.
 VEHICLE_WORDS = ("jet", "train")
 

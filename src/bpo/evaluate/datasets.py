@@ -1,9 +1,10 @@
-"""Benchmark readers: POPE, Object HalBench, MM-Vet, LLaVA-Bench and ShapeWorld, as EvalItems.
+"""Benchmark readers: POPE, Object HalBench, MM-Vet and LLaVA-Bench, as EvalItems.
 
 Every benchmark reads from a local folder (offline) in its release's own layout; POPE, MM-Vet and
 LLaVA-Bench also read a Hugging Face dataset id (`lmms-lab/POPE`, `whyu/mm-vet`,
 `lmms-lab/llava-bench-in-the-wild`, ...) through `datasets.load_dataset` for users online. Images
-named by path must stay under their image root (`bpo.data.resolve_image_path`).
+named by path must stay under their image root (`bpo.data.resolve_image_path`). The ShapeWorld
+benchmarks read theirs in `bpo.evaluate.shapeworld`, with these helpers.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 
 from PIL import Image
 
+from bpo.data.files import read_json_lines
 from bpo.data.images import load_image, load_image_bytes, resolve_image_path
-from bpo.evaluate.pope import STRATEGIES, build_pope_questions
+from bpo.evaluate.pope import STRATEGIES
 
 
 @dataclass
@@ -66,20 +68,16 @@ def _hf_rows(source: str, split: str) -> Iterator[dict[str, Any]]:
     yield from datasets.load_dataset(source, split=split)
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"{path} line {number}: not valid JSON ({exc}); fix or drop the line"
-                ) from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path} line {number}: expected a JSON object per line")
-            yield number, record
+def json_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each line of a benchmark's JSON Lines file; every line an object.
+
+    Benchmark files are only read, never appended to, so a line that does not parse is damage
+    wherever it is, the last line included.
+    """
+    for number, record in read_json_lines(path, appended=False, fix="fix or drop the line"):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {number}: expected a JSON object per line")
+        yield number, record
 
 
 def _field(record: dict[str, Any], names: tuple[str, ...], where: str) -> Any:
@@ -91,7 +89,8 @@ def _field(record: dict[str, Any], names: tuple[str, ...], where: str) -> Any:
     )
 
 
-def _image_path(root: Path, relative: str, where: str) -> Path:
+def image_path(root: Path, relative: str, where: str) -> Path:
+    """`relative` under `root`; an error names `where` (file and line) when it leaves the root."""
     try:
         return resolve_image_path(root, relative)
     except ValueError as exc:
@@ -135,13 +134,13 @@ def read_pope(source: str, image_root: str | None = None, split: str = "test") -
     items = []
     for file in files:
         strategy = _pope_strategy(file)
-        for number, record in _jsonl(file):
+        for number, record in json_records(file):
             where = f"{file} line {number}"
             label = str(_field(record, ("label", "answer"), where)).strip().lower()
             if label not in ("yes", "no"):
                 raise ValueError(f"{where}: label {label!r} is not 'yes' or 'no'")
             qid = f"{strategy}/{_field(record, ('question_id',), where)}"
-            image = _image_path(root, str(_field(record, ("image",), where)), where)
+            image = image_path(root, str(_field(record, ("image",), where)), where)
             fields = {"label": label == "yes", "strategy": strategy}
             items.append(
                 EvalItem(qid, str(_field(record, ("text", "question"), where)), image, fields)
@@ -173,7 +172,7 @@ def read_object_halbench(source: str, image_root: str | None = None) -> list[Eva
         raise FileNotFoundError(f"Object HalBench question file {path} not found; check the path")
     root = Path(image_root) if image_root else path.parent
     items = []
-    for number, record in _jsonl(path):
+    for number, record in json_records(path):
         where = f"{path} line {number}"
         image_id = int(_field(record, ("image_id",), where))
         prompt = str(_field(record, ("question", "prompt", "text"), where))
@@ -181,9 +180,9 @@ def read_object_halbench(source: str, image_root: str | None = None) -> list[Eva
         if isinstance(image, str) and len(image) > 256 and (decoded := _decode_base64(image)):
             image = decoded
         elif isinstance(image, str) and image:
-            image = _image_path(root, image, where)
+            image = image_path(root, image, where)
         else:
-            image = _image_path(root, f"COCO_val2014_{image_id:012d}.jpg", where)
+            image = image_path(root, f"COCO_val2014_{image_id:012d}.jpg", where)
         qid = str(record.get("question_id", number))
         items.append(EvalItem(qid, prompt, image, {"image_id": image_id}))
     return items
@@ -220,7 +219,7 @@ def read_mmvet(source: str, image_root: str | None = None, split: str = "test") 
     items = []
     for qid, record in records.items():
         where = f"{file} item {qid}"
-        image = _image_path(root, str(_field(record, ("imagename", "image"), where)), where)
+        image = image_path(root, str(_field(record, ("imagename", "image"), where)), where)
         fields = {
             "answer": str(_field(record, ("answer",), where)),
             "capability": _capabilities(_field(record, ("capability",), where)),
@@ -258,10 +257,10 @@ def read_llava_bench(
                 f"{file} not found; point `data` at the LLaVA-Bench release folder"
             )
     root = Path(image_root) if image_root else folder / "images"
-    context = {r["image"]: r.get("caption", "") for _, r in _jsonl(files["context"])}
-    references = {str(r["question_id"]): r["text"] for _, r in _jsonl(files["answers_gpt4"])}
+    context = {r["image"]: r.get("caption", "") for _, r in json_records(files["context"])}
+    references = {str(r["question_id"]): r["text"] for _, r in json_records(files["answers_gpt4"])}
     items = []
-    for number, record in _jsonl(files["questions"]):
+    for number, record in json_records(files["questions"]):
         where = f"{files['questions']} line {number}"
         qid = str(_field(record, ("question_id",), where))
         name = str(_field(record, ("image",), where))
@@ -274,55 +273,6 @@ def read_llava_bench(
             "context": context.get(name, ""),
             "reference": references[qid],
         }
-        image = _image_path(root, name, where)
+        image = image_path(root, name, where)
         items.append(EvalItem(qid, str(_field(record, ("text",), where)), image, fields))
-    return items
-
-
-# --- ShapeWorld -------------------------------------------------------------------------------
-
-
-def _shapeworld(source: str) -> tuple[Path, list[dict[str, Any]], list[Any]]:
-    from bpo.shapeworld.export import read_scenes
-
-    folder = Path(source)
-    scenes_file = folder / "scenes.jsonl"
-    if not scenes_file.is_file():
-        raise FileNotFoundError(
-            f"{scenes_file} not found; write a ShapeWorld dataset with `bpo shapeworld --out {folder}`"
-        )
-    records = [record for _, record in _jsonl(scenes_file)]
-    return folder, records, read_scenes(scenes_file)
-
-
-def read_shapeworld_captions(source: str) -> list[EvalItem]:
-    """Description prompts for every scene of a `bpo shapeworld` export; `truth` is its shapes."""
-    from bpo.shapeworld.world import CAPTION_PROMPTS
-
-    folder, records, scenes = _shapeworld(source)
-    items = []
-    for record, scene in zip(records, scenes, strict=True):
-        image = _image_path(folder, record["image"], f"{folder / 'scenes.jsonl'} id={record['id']}")
-        items.append(EvalItem(record["id"], CAPTION_PROMPTS[0], image, {"scene": scene}))
-    return items
-
-
-def read_shapeworld_pope(
-    source: str, strategies: list[str], per_image: int = 3, seed: int = 0
-) -> list[EvalItem]:
-    """POPE questions built from a ShapeWorld export's exact scenes, over the world's shapes."""
-    from bpo.shapeworld.world import SHAPES
-
-    folder, records, scenes = _shapeworld(source)
-    ids = [record["id"] for record in records]
-    images = {record["id"]: record["image"] for record in records}
-    items = []
-    for strategy in strategies:
-        questions = build_pope_questions(
-            ids, [s.shapes for s in scenes], strategy, per_image, seed, categories=SHAPES
-        )
-        for q in questions:
-            image = _image_path(folder, images[q.image], f"{folder / 'scenes.jsonl'} id={q.image}")
-            fields = {"label": q.label, "strategy": strategy, "object": q.object}
-            items.append(EvalItem(q.question_id, q.text, image, fields))
     return items

@@ -24,12 +24,10 @@ def load_generator(
 
     loaded: an already loaded (model, processor) for the transformers backend.
     engine_factory: backend "vllm": makes the engine from (model, vllm) instead of `vllm.LLM`
-        (tests hand in a stand-in).
+        (tests hand in a stand-in; vllm must still import, for its `SamplingParams`).
     """
+    check_backend(backend)  # before anything loads
     if backend == "vllm":
-        if engine_factory is None:
-            check_backend("vllm")
         return VllmGenerator.from_config(model, vllm or VllmConfig(), engine_factory)
-    check_backend(backend)
     model_and_processor = loaded if loaded is not None else load_from_config(model)
     return TransformersGenerator(*model_and_processor, batch_size=batch_size)

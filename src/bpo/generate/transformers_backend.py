@@ -98,6 +98,8 @@ class TransformersGenerator:
                 "embeddings; image_embeds are for the vLLM backend"
             )
         check_seeds(items, decoding.temperature)
+        if not items:
+            return []  # the tokenizer cannot batch no prompts
         prompts = [prompt_text(self.processor, r) for r in items]
         answers: list[Generation | None] = [None] * len(items)
         for rows in self.batches(prompts, items):

@@ -1,1 +1,1 @@
-"""What a person reads: the HTML pair viewer (tables and plots come with the reproduction)."""
+"""What a person reads: the HTML pair viewer and the SVG plots of reports."""

@@ -6,13 +6,12 @@ Layout of `out_dir`:
 - `data.json`: LLaVA records, `<image>` + a caption prompt answered by the gold caption, then the
   scene's questions as further turns; `bpo.data.read_llava(data.json, image_root=out_dir)` reads it;
 - `scenes.jsonl`: one line per record, in the same order, with the scene's objects, grid and seed;
-  `read_scenes` loads them back as equal `Scene`s.
+  `read_scenes` loads them back as equal `Scene`s (`write_scenes` writes one for scenes alone).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bpo.data.files import read_json_lines, write_atomic
 from bpo.shapeworld.world import (
     CAPTION_PROMPTS,
     Scene,
@@ -83,42 +83,46 @@ def write_llava_dataset(
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    with (out / "scenes.jsonl").open("w", encoding="utf-8") as truth_file:
-        for index, scene in enumerate(scenes):
-            sample_id = record_id(index)
-            if scene.grid != cfg.grid:
-                raise ValueError(
-                    f"scene {index} ({sample_id}) has grid {scene.grid} but the config has grid "
-                    f"{cfg.grid}; render with the WorldConfig the scenes were sampled from"
-                )
-            image = f"images/{sample_id}.png"
-            Image.fromarray(render(scene, cfg)).save(out / image, format="PNG")
-            rng = np.random.default_rng((seed, index))
-            turns = _conversation(scene, rng, cfg, prompt, with_questions)
-            records.append({"id": sample_id, "image": image, "conversations": turns})
-            line = {"id": sample_id, "image": image, **scene_to_json(scene)}
-            truth_file.write(json.dumps(line) + "\n")
-    # Written whole, then renamed: a crash never leaves a truncated data.json behind.
-    data_path = out / "data.json"
-    partial = out / "data.json.partial"
-    partial.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-    os.replace(partial, data_path)
-    return data_path
+    records, truth = [], []
+    for index, scene in enumerate(scenes):
+        sample_id = record_id(index)
+        if scene.grid != cfg.grid:
+            raise ValueError(
+                f"scene {index} ({sample_id}) has grid {scene.grid} but the config has grid "
+                f"{cfg.grid}; render with the WorldConfig the scenes were sampled from"
+            )
+        image = f"images/{sample_id}.png"
+        Image.fromarray(render(scene, cfg)).save(out / image, format="PNG")
+        rng = np.random.default_rng((seed, index))
+        turns = _conversation(scene, rng, cfg, prompt, with_questions)
+        records.append({"id": sample_id, "image": image, "conversations": turns})
+        truth.append({"id": sample_id, "image": image, **scene_to_json(scene)})
+    # Each file written whole, then renamed: a crash never leaves a truncated one behind.
+    write_atomic(out / "scenes.jsonl", "".join(json.dumps(line) + "\n" for line in truth))
+    write_atomic(out / "data.json", json.dumps(records, indent=1) + "\n")
+    return out / "data.json"
+
+
+def write_scenes(scenes: Iterable[Scene], path: str | Path) -> Path:
+    """Scenes alone as a scenes.jsonl (no images): e.g. a text corpus's scenes, whose object
+    statistics rank POPE's popular and adversarial questions."""
+    lines = [
+        json.dumps({"id": record_id(i), **scene_to_json(scene)}) + "\n"
+        for i, scene in enumerate(scenes)
+    ]
+    write_atomic(Path(path), "".join(lines))
+    return Path(path)
 
 
 def read_scenes(path: str | Path) -> list[Scene]:
-    """The scenes of a scenes.jsonl file written by `write_llava_dataset`, in record order."""
+    """The scenes of a scenes.jsonl file (`write_llava_dataset`, `write_scenes`), in order."""
+    fix = "re-export the dataset with write_llava_dataset"
     scenes = []
-    with Path(path).open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                scenes.append(scene_from_json(json.loads(line)))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(
-                    f"{path} line {number}: not a scene ({type(exc).__name__}: {exc}); "
-                    "re-export the dataset with write_llava_dataset"
-                ) from exc
+    for number, data in read_json_lines(path, appended=False, fix=fix):
+        try:
+            scenes.append(scene_from_json(data))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{path} line {number}: not a scene ({type(exc).__name__}: {exc}); {fix}"
+            ) from exc
     return scenes

@@ -1,11 +1,14 @@
-"""Hallucination metrics on ShapeWorld, where the ground truth of every image is exact."""
+"""How much of a ShapeWorld model's hallucination its text prior explains (the partner shapes).
+
+CHAIR itself, and the combined `hallucination_metrics`, are in `bpo.evaluate.shapeworld`: the
+evaluation layer sits above the world it measures.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bpo.evaluate.chair import chair_scores
-from bpo.shapeworld.world import PARTNERS, SHAPES, mentioned_shapes
+from bpo.shapeworld.world import PARTNERS, SHAPES
 
 
 def partner_scores(
@@ -36,10 +39,3 @@ def partner_scores(
         "partner_share": hits / count if count else 0.0,
         "partner_chance": chance / count if count else 0.0,
     }
-
-
-def hallucination_metrics(answers: Sequence[str], scenes) -> dict:
-    """CHAIR and partner metrics of free-text answers against their scenes."""
-    mentions = [mentioned_shapes(a) for a in answers]
-    truth = [scene.shapes for scene in scenes]
-    return {**chair_scores(mentions, truth), **partner_scores(mentions, truth)}

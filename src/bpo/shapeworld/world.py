@@ -31,8 +31,15 @@ from bpo.data.vocab import ObjectVocabulary, extract_objects
 # Partners sit next to each other in this (caption) order, and each pair joins two shapes that
 # look unalike, so a partner named in place of a real shape is the prior speaking, not the eye.
 SHAPES: tuple[str, ...] = (
-    "circle", "cross", "square", "ring", "triangle", "bar", "diamond", "frame",
-)  # fmt: skip
+    "circle",
+    "cross",
+    "square",
+    "ring",
+    "triangle",
+    "bar",
+    "diamond",
+    "frame",
+)
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "white")
 # Text-prior partners: in the text corpus each shape nearly always appears with its partner.
 PARTNERS: dict[str, str] = {

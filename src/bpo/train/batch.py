@@ -1,9 +1,7 @@
 """Pairs to tensors: one image + prompt prefix and two answers per pair.
 
-INTERFACE (fixed; implementation owned by the logprobs work):
-
     encode_pair(pair, processor, image, max_length=None) -> EncodedPair
-    collate_pairs(items, pad_token_id) -> PairBatch
+    collate_pairs(items, pad_token_id(processor)) -> PairBatch
 
 The packed layout. Each pair is one row `[prefix | chosen | rejected | pad]`, right-padded:
 
@@ -24,6 +22,10 @@ The packed layout. Each pair is one row `[prefix | chosen | rejected | pad]`, ri
 `bpo.train.logprobs` turns `segments` into the block attention mask: chosen tokens see the prefix
 and the chosen tokens before them; rejected tokens see the prefix and the rejected tokens before
 them, never the chosen block.
+
+A pair that cannot become such a row (an answer with no tokens, a prompt that leaves no room for
+an answer within max_length, messages the template cannot render) raises EncodeError naming the
+pair; `bpo.train.data.PairDataset` turns it into a reported bad pair.
 """
 
 from __future__ import annotations
@@ -41,6 +43,27 @@ from bpo.models.prompts import build_prompt, tokenize_prompt_and_answer
 PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
 # Processor outputs that are text, not vision.
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+class EncodeError(ValueError):
+    """A pair that cannot be encoded; the message names it, `reason` is its bad-pair reason."""
+
+    def __init__(self, message: str, reason: str = "unencodable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def pad_token_id(processor: Any) -> int:
+    """The id padding is written with: the pad token's, else the EOS token's, else 0.
+
+    Padding is masked out of attention and scoring, so any id in the vocabulary gives the same
+    log-probs; many LLaMA-family tokenizers have no pad token.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
 
 
 @dataclass
@@ -105,7 +128,7 @@ def _check_same_text(key: str, expanded: list[int], plain: list[int], image_toke
         or expanded[len(expanded) - tail :] != plain[at + 1 :]
         or image_token_id not in run
     ):
-        raise ValueError(
+        raise EncodeError(
             f"pair {key}: the processor tokenizes the prompt differently from the tokenizer "
             f"(beyond expanding the image): {expanded} vs {plain}"
         )
@@ -119,13 +142,40 @@ def _fit_answers(
         return chosen, rejected, False
     budget = max_length - prompt_len
     if budget < 1:
-        raise ValueError(
+        raise EncodeError(
             f"pair {key}: the prompt alone is {prompt_len} tokens (image tokens included), which "
             f"leaves no room for an answer within max_length={max_length}; raise max_length "
-            f"above {prompt_len}"
+            f"above {prompt_len}",
+            reason="prompt_too_long",
         )
     truncated = len(chosen) > budget or len(rejected) > budget
     return chosen[:budget], rejected[:budget], truncated
+
+
+def _tokenize_answers(
+    pair: PreferencePair, processor: Any, has_image: bool
+) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids with one image placeholder, chosen ids, rejected ids); empty answers refused."""
+    answers = {"chosen": pair.chosen, "rejected": pair.rejected}
+    for name, text in answers.items():
+        if not text.strip():
+            raise EncodeError(
+                f"pair {pair.key}: the {name} answer is empty; fix or drop the pair", "empty_answer"
+            )
+    ids = {}
+    try:
+        for name, text in answers.items():
+            prompt, ids[name] = tokenize_prompt_and_answer(processor, pair.prompt, text, has_image)
+    except ValueError as exc:  # messages the template cannot render, two image placeholders, ...
+        raise EncodeError(f"pair {pair.key}: {exc}") from exc
+    for name, answer_ids in ids.items():
+        if not answer_ids:
+            # Per pair, here: collate_pairs would otherwise fail the whole batch.
+            raise EncodeError(
+                f"pair {pair.key}: the {name} answer encodes to no tokens; fix or drop the pair",
+                "empty_answer",
+            )
+    return prompt, ids["chosen"], ids["rejected"]
 
 
 def encode_pair(
@@ -139,13 +189,11 @@ def encode_pair(
     image: the pair's PIL image, or None for a text-only prompt.
     max_length: the most tokens per branch, image tokens included: prompt + chosen and
         prompt + rejected each fit in it (the packed row holds prompt + both answers). Answers are
-        cut from the end and `truncated` is set; a prompt that leaves no room raises ValueError.
+        cut from the end and `truncated` is set; a prompt that leaves no room raises EncodeError,
+        as does an answer that is empty or encodes to no tokens.
     """
     has_image = image is not None
-    prompt_plain, chosen = tokenize_prompt_and_answer(
-        processor, pair.prompt, pair.chosen, has_image
-    )
-    _, rejected = tokenize_prompt_and_answer(processor, pair.prompt, pair.rejected, has_image)
+    prompt_plain, chosen, rejected = _tokenize_answers(pair, processor, has_image)
     vision: dict[str, Tensor] = {}
     prompt_ids = prompt_plain
     if has_image:

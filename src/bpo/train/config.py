@@ -7,10 +7,16 @@ configs/llava-1.5-*-bpo.yaml spells it out, configs/train/shapeworld.yaml scales
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
 
 from bpo.models.load import ModelConfig
+
+# The keys of `bpo.train.losses.LOSSES`; the schema cannot import the losses (they import it).
+LossType = Literal["sigmoid", "ipo", "hinge"]
+NOISE_STEPS = 1000  # T of the diffusion schedule the weakened pairs were made with
 
 
 @dataclass
@@ -32,7 +38,7 @@ class LossSettings:
     """The `loss:` section: DPO's options (see `bpo.train.losses.preference_loss`)."""
 
     beta: float = 0.1  # strength of the implicit KL penalty towards the reference
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    loss_type: LossType = "sigmoid"
     label_smoothing: float = 0.0  # conservative DPO: assumed chance a pair's labels are flipped
     rpo_alpha: float = 0.0  # weight of the chosen answer's per-token NLL (RPO); 0: plain DPO
     average_log_prob: bool = False  # score answers by mean per-token log-prob instead of the sum
@@ -48,6 +54,9 @@ class TrainConfig:
     out: str | None = "runs/train"  # None (Python API): write nothing, keep the history in memory
     method: Literal["dpo", "sft"] = "dpo"  # sft: NLL of the chosen answers only (the baseline)
     sources: list[str] | None = None  # only pairs of these sources ("weaken", "inject"); None: all
+    # Only pairs whose meta.noise_step is one of these (weakened pairs made at those steps); None:
+    # all. Pairs without a noise step (injected ones) are then left out.
+    noise_steps: list[int] | None = None
     finetune: Literal["lora", "qlora", "full"] = "lora"  # full: every language-model weight
     lora: LoraSettings = field(default_factory=LoraSettings)
     loss: LossSettings = field(default_factory=LossSettings)
@@ -81,21 +90,17 @@ class TrainConfig:
 
 
 def check_config(config: TrainConfig) -> None:
-    """Raise ValueError naming the field and the fix for settings that cannot train."""
-    positive = {"batch_size": config.batch_size, "grad_accum": config.grad_accum,
-                "epochs": config.epochs, "log_steps": config.log_steps,
-                "reference_batch_size": config.reference_batch_size}  # fmt: skip
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    for name in ("max_steps", "save_steps", "save_total_limit", "max_length"):
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1 or null, got {value}")
-    if not 0 <= config.warmup_ratio < 1:
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
-    if config.lr < 0 or (config.projector_lr is not None and config.projector_lr < 0):
-        raise ValueError("learning rates must be >= 0")
+    """Raise ValueError naming the field and the fix for settings that cannot train.
+
+    Cheap and model-free: `train` and `bpo refs` call it before loading anything, so a bad setting
+    fails in a second, not after the reference pass.
+    """
+    _check_choices(config, "")
+    _check_choices(config.loss, "loss.")
+    _check_counts(config)
+    _check_optimizer(config)
+    check_loss(config.loss)
+    _check_selection(config)
     if config.finetune != "full" and (config.lora.r < 1 or config.lora.alpha <= 0):
         raise ValueError(f"lora.r and lora.alpha must be positive, got {config.lora}")
     if config.lora.merge and config.finetune == "qlora":
@@ -103,3 +108,107 @@ def check_config(config: TrainConfig) -> None:
             "lora.merge with finetune 'qlora' would merge into 4-bit weights; train with "
             "finetune 'lora', or merge the saved adapter into a bf16 base yourself"
         )
+
+
+def _check_choices(section: Any, prefix: str) -> None:
+    """Every Literal-typed field of `section` holds one of its choices.
+
+    YAML and the CLI check them already; Python callers may pass anything.
+    """
+    hints = typing.get_type_hints(type(section))
+    for f in fields(section):
+        hint = hints[f.name]
+        if typing.get_origin(hint) is Literal and getattr(section, f.name) not in (
+            choices := typing.get_args(hint)
+        ):
+            raise ValueError(
+                f"{prefix}{f.name} must be one of {', '.join(map(repr, choices))}, got "
+                f"{getattr(section, f.name)!r}"
+            )
+
+
+def _check_counts(config: TrainConfig) -> None:
+    positive = {
+        "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+        "epochs": config.epochs,
+        "log_steps": config.log_steps,
+        "reference_batch_size": config.reference_batch_size,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    for name in ("max_steps", "save_steps", "save_total_limit", "max_length"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 or null, got {value}")
+    if config.num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {config.num_workers}")
+
+
+def _check_optimizer(config: TrainConfig) -> None:
+    if not 0 <= config.warmup_ratio < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
+    if config.lr < 0 or (config.projector_lr is not None and config.projector_lr < 0):
+        raise ValueError(
+            f"lr and projector_lr must be >= 0, got {config.lr} and {config.projector_lr}"
+        )
+    if config.weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay}")
+    if len(config.adam_betas) != 2 or not all(0 <= b < 1 for b in config.adam_betas):
+        raise ValueError(f"adam_betas must be two numbers in [0, 1), got {config.adam_betas}")
+    if config.max_grad_norm is not None and config.max_grad_norm <= 0:
+        raise ValueError(
+            f"max_grad_norm must be > 0, got {config.max_grad_norm}; set it to null for no clipping"
+        )
+
+
+def check_loss(loss: LossSettings) -> None:
+    """Raise ValueError for loss settings `bpo.train.losses.preference_loss` cannot use."""
+    if not loss.beta > 0:  # also refuses NaN
+        raise ValueError(f"loss.beta must be > 0, got {loss.beta}")
+    if not 0 <= loss.label_smoothing < 0.5:
+        raise ValueError(
+            f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing} (0.5 would make "
+            "every label a coin flip)"
+        )
+    if loss.label_smoothing and loss.loss_type != "sigmoid":
+        raise ValueError(
+            f"loss.label_smoothing applies only to loss.loss_type 'sigmoid' (conservative DPO), "
+            f"not {loss.loss_type!r}; set label_smoothing to 0 or use loss_type 'sigmoid'"
+        )
+    if not loss.rpo_alpha >= 0:
+        raise ValueError(f"loss.rpo_alpha must be >= 0 (0: plain DPO), got {loss.rpo_alpha}")
+
+
+def _check_selection(config: TrainConfig) -> None:
+    sources = config.sources
+    if sources is not None and (not sources or not all(isinstance(s, str) and s for s in sources)):
+        raise ValueError(f"sources must be a non-empty list of source names or null, got {sources}")
+    steps = config.noise_steps
+    if steps is None:
+        return
+    in_range = all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < NOISE_STEPS for t in steps
+    )
+    if not steps or not in_range:
+        raise ValueError(
+            f"noise_steps must be a non-empty list of integers in [0, {NOISE_STEPS - 1}] or null "
+            f"(all pairs), got {steps}"
+        )
+
+
+def flat_config(config: TrainConfig) -> dict[str, Any]:
+    """The config as one level of scalars, as TensorBoard's hparams need."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            ok = isinstance(value, (int, float, str, bool))
+            flat[prefix.rstrip(".")] = value if ok else json.dumps(value)
+
+    walk("", asdict(config))
+    return flat

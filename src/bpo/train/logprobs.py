@@ -1,7 +1,5 @@
 """Summed answer log-probs with one vision + prefix encoding per pair.
 
-INTERFACE (fixed):
-
     pair_logps(model, batch: PairBatch) -> PairLogps       # shared prefix, the fast path
     naive_pair_logps(model, batch: PairBatch) -> PairLogps  # batch of two, the reference
     chosen_logps(model, batch: PairBatch) -> PairLogps      # chosen only (SFT); rejected = 0

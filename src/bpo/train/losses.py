@@ -15,6 +15,8 @@ answer is beta * (pi - ref), and every loss here is a function of the reward mar
 `preference_loss` adds the RPO term (Pang et al., 2024): alpha * the chosen answer's NLL per token,
 and optionally scores answers by their mean per-token log-prob instead of the sum (both policy and
 reference, so h compares like with like).
+
+The settings are checked once, before training (`bpo.train.config.check_loss`), not per step.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from bpo.train.config import LossSettings
+from bpo.train.logprobs import PairLogps
 
 
 def _sigmoid(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
@@ -47,20 +52,6 @@ LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
 }
 
 
-def _check_options(loss_type: str, beta: float, label_smoothing: float) -> None:
-    if loss_type not in LOSSES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSSES)}")
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    if not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and loss_type != "sigmoid":
-        raise ValueError(
-            f"label_smoothing applies only to loss_type 'sigmoid' (conservative DPO), not "
-            f"{loss_type!r}; set label_smoothing to 0 or use loss_type 'sigmoid'"
-        )
-
-
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -81,7 +72,6 @@ def dpo_loss(
         label_smoothing: the assumed chance that a pair's labels are flipped (conservative DPO);
             only with loss_type "sigmoid".
     """
-    _check_options(loss_type, beta, label_smoothing)
     policy_margin = policy_chosen_logps - policy_rejected_logps  # (B,)
     ref_margin = ref_chosen_logps - ref_rejected_logps  # (B,)
     h = policy_margin - ref_margin  # (B,)
@@ -108,17 +98,7 @@ def nll_loss(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
 
 
 def preference_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    chosen_tokens: Tensor,
-    rejected_tokens: Tensor,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    rpo_alpha: float = 0.0,
-    average_log_prob: bool = False,
+    policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor, settings: LossSettings
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The training loss per pair (B,) and batch-mean metrics under TRL's names.
 
@@ -133,29 +113,30 @@ def preference_loss(
     policy's summed log-probs, whatever `average_log_prob` says), and nll when rpo_alpha > 0.
 
     Args:
-        chosen_tokens, rejected_tokens: answer token counts (B,), shared by policy and reference.
-        rpo_alpha: weight of the chosen answers' NLL (RPO); 0 for plain DPO.
-        average_log_prob: score answers by mean per-token log-prob instead of the sum.
+        policy: the policy's summed log-probs and the answers' token counts, which the reference
+            shares (it scored the same tokens).
+        ref_chosen, ref_rejected: the reference's summed log-probs (B,).
     """
-    if rpo_alpha < 0:
-        raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
-    scores = [policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps]
-    if average_log_prob:
-        counts = [chosen_tokens, rejected_tokens, chosen_tokens, rejected_tokens]
+    scores = [policy.chosen, policy.rejected, ref_chosen, ref_rejected]
+    if settings.average_log_prob:
+        counts = [policy.chosen_tokens, policy.rejected_tokens] * 2
         scores = [average_logps(s, n) for s, n in zip(scores, counts, strict=True)]
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        *scores, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+        *scores,
+        beta=settings.beta,
+        loss_type=settings.loss_type,
+        label_smoothing=settings.label_smoothing,
     )
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": policy_chosen_logps.detach().mean(),
-        "logps/rejected": policy_rejected_logps.detach().mean(),
+        "logps/chosen": policy.chosen.detach().mean(),
+        "logps/rejected": policy.rejected.detach().mean(),
     }
-    if rpo_alpha > 0:
-        nll = nll_loss(policy_chosen_logps, chosen_tokens)
-        losses = losses + rpo_alpha * nll
+    if settings.rpo_alpha > 0:
+        nll = nll_loss(policy.chosen, policy.chosen_tokens)
+        losses = losses + settings.rpo_alpha * nll
         metrics["nll"] = nll.detach().mean()
     return losses, metrics

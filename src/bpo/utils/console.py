@@ -18,9 +18,16 @@ from rich.table import Table
 console = Console(stderr=True)
 
 TABLE_METRICS = (
-    "chair_i", "chair_s", "recall", "partner_share", "partner_chance",
-    "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1", "pope_adversarial_yes_ratio",
-)  # fmt: skip
+    "chair_i",
+    "chair_s",
+    "recall",
+    "partner_share",
+    "partner_chance",
+    "pope_random_f1",
+    "pope_popular_f1",
+    "pope_adversarial_f1",
+    "pope_adversarial_yes_ratio",
+)
 
 
 def metrics_table(arms: dict[str, dict], metrics=TABLE_METRICS) -> Table:
@@ -68,11 +75,19 @@ def progress_bar(description: str, total: int, enabled: bool = True):
 def print_negatives_table(negatives: dict[str, dict]) -> None:
     """How many bootstrapped negatives hold a hallucinated object, per method (and noise step)."""
     table = Table(title="Bootstrapped negatives (rejected answers) against the exact scenes")
-    for column in ("method", "negatives", "with_hallucination", "chair_i", "partner_share",
-                   "partner_chance"):  # fmt: skip
+    for column in (
+        "method",
+        "negatives",
+        "with_hallucination",
+        "chair_i",
+        "partner_share",
+        "partner_chance",
+    ):
         table.add_column(column, justify="left" if column == "method" else "right")
     for method, stats in negatives.items():
-        cells = [f"{stats[k]:.4f}" for k in ("with_hallucination", "chair_i", "partner_share",
-                                              "partner_chance")]  # fmt: skip
+        cells = [
+            f"{stats[k]:.4f}"
+            for k in ("with_hallucination", "chair_i", "partner_share", "partner_chance")
+        ]
         table.add_row(method, str(stats["negatives"]), *cells)
     Console().print(table)

@@ -19,8 +19,20 @@ from bpo.bootstrap.config import EDIT_TYPES
 from bpo.bootstrap.inject.validate import Injection, InjectionStats, checked
 from bpo.data.vocab import ObjectVocabulary, coco_vocabulary
 
-COLOUR_WORDS = tuple(
-    "red green blue yellow purple white black brown orange pink grey gray silver".split()
+COLOUR_WORDS = (
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "white",
+    "black",
+    "brown",
+    "orange",
+    "pink",
+    "grey",
+    "gray",
+    "silver",
 )
 COUNT_WORDS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 # Each position word turns into its opposite: the most confusable wrong position.

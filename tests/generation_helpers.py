@@ -1,10 +1,10 @@
-"""Shared requests for the bootstrap tests (importable: pytest puts this folder on sys.path)."""
+"""Requests shared by the generation and bootstrap tests (importable: tests/ is on sys.path)."""
 
 from __future__ import annotations
 
 from PIL import Image
 
-from bpo.bootstrap import GenerationRequest
+from bpo.generate import GenerationRequest
 
 
 def mixed_requests() -> list[GenerationRequest]:

@@ -17,16 +17,14 @@ import pytest
 from PIL import Image
 
 from bpo.data import PairWriter, PreferencePair
+from bpo.demo.arms import summarize
+from bpo.demo.claim import claim
+from bpo.demo.report import write_report
+from bpo.demo.summary import mark_hallucinations, mean_sd
 from bpo.evaluate.chair import chair_scores
-from bpo.report.demo_report import (
-    mark_hallucinations,
-    mean_sd,
-    nice_ticks,
-    rebuild_eval_scenes,
-    write_report,
-)
-from bpo.shapeworld.arms import summarize
-from bpo.shapeworld.metrics import hallucination_metrics
+from bpo.evaluate.shapeworld import hallucination_metrics
+from bpo.report.svg import nice_ticks
+from bpo.shapeworld.export import write_llava_dataset
 from bpo.shapeworld.world import (
     Scene,
     ShapeObject,
@@ -66,62 +64,91 @@ ANSWERS = {
     "bpo-s1": [caption(s) for s in SCENES],
 }
 NEGATIVES = {
-    "weaken_t100": {"negatives": 3, "with_hallucination": 1 / 3, "chair_i": 0.25,
-                    "partner_share": 0.5, "partner_chance": 0.2},
-    "weaken_t900": {"negatives": 3, "with_hallucination": 2 / 3, "chair_i": 0.5,
-                    "partner_share": 0.75, "partner_chance": 0.2},
-    "inject": {"negatives": 2, "with_hallucination": 1.0, "chair_i": 0.4,
-               "partner_share": 1.0, "partner_chance": 0.25, "accepted": 2},
-}  # fmt: skip
+    "weaken_t100": {
+        "negatives": 3,
+        "with_hallucination": 1 / 3,
+        "chair_i": 0.25,
+        "partner_share": 0.5,
+        "partner_chance": 0.2,
+    },
+    "weaken_t900": {
+        "negatives": 3,
+        "with_hallucination": 2 / 3,
+        "chair_i": 0.5,
+        "partner_share": 0.75,
+        "partner_chance": 0.2,
+    },
+    "inject": {
+        "negatives": 2,
+        "with_hallucination": 1.0,
+        "chair_i": 0.4,
+        "partner_share": 1.0,
+        "partner_chance": 0.25,
+        "accepted": 2,
+    },
+}
 
 
 def pope(value: float) -> dict:
-    names = [f"pope_{s}_{m}" for s in ("random", "popular", "adversarial")
-             for m in ("accuracy", "f1", "yes_ratio")]  # fmt: skip
+    names = [
+        f"pope_{s}_{m}"
+        for s in ("random", "popular", "adversarial")
+        for m in ("accuracy", "f1", "yes_ratio")
+    ]
     return dict.fromkeys(names, value)
 
 
-def make_run(out):
-    """A finished demo's folder: answers, training logs, a pair store; returns results.json."""
+def write_jsonl(path, lines) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def make_run(out, scenes=SCENES):
+    """A finished demo's folder as its stages leave it: the held-out dataset, `bpo eval`'s
+    answers per model, `bpo train`'s logs, a pair store; returns results.json."""
     out.mkdir(exist_ok=True)
-    arms: dict[str, dict] = {}
+    write_llava_dataset(scenes, WorldConfig(), out / "data" / "held-out", with_questions=False)
     runs: dict[str, list] = {}
     for name, answers in ANSWERS.items():
         arm, _, seed = name.partition("-s")
-        path = out / f"answers-{name}.jsonl"
-        path.write_text("".join(
-            json.dumps({"id": i, "answer": a, "truth": caption(s)}) + "\n"
-            for i, (a, s) in enumerate(zip(answers, SCENES, strict=True))
-        ))  # fmt: skip
+        write_jsonl(
+            out / "eval" / name / "shapeworld_chair" / "answers.jsonl",
+            [{"question_id": f"sw_{i:06d}", "answer": a} for i, a in enumerate(answers)],
+        )
         metrics = {**hallucination_metrics(answers, SCENES), **pope(0.5 + 0.1 * len(runs))}
         runs.setdefault(arm, []).append({"seed": int(seed), **metrics} if seed else metrics)
     arms = {arm: summarize(per_seed) for arm, per_seed in runs.items()}
-    (out / "train").mkdir()
     for seed in (0, 1):
         lines = [{"step": k, "loss": 2.0 - k / 10} for k in (1, 2, 3)]
-        (out / "train" / f"sft-s{seed}.jsonl").write_text(
-            "".join(json.dumps(line) + "\n" for line in lines)
-        )
+        write_jsonl(out / "train" / f"sft-s{seed}" / "metrics.jsonl", lines)
         lines = [
-            {"step": k, "loss": 0.7, "rewards/margins": 0.5 * k + seed,
-             "rewards/accuracies": 0.25 * k}
+            {
+                "step": k,
+                "loss": 0.7,
+                "rewards/margins": 0.5 * k + seed,
+                "rewards/accuracies": 0.25 * k,
+            }
             for k in (1, 2, 3)
-        ]  # fmt: skip
-        (out / "train" / f"bpo-s{seed}.jsonl").write_text(
-            "".join(json.dumps(line) + "\n" for line in lines)
-        )
-    (out / "images").mkdir()
-    Image.fromarray(render(SCENES[0], WorldConfig())).save(out / "images" / "sw000000.png")
+        ]
+        write_jsonl(out / "train" / f"bpo-s{seed}" / "metrics.jsonl", lines)
+    (out / "data" / "align" / "images").mkdir(parents=True)
+    image = out / "data" / "align" / "images" / "sw_000000.png"
+    Image.fromarray(render(SCENES[0], WorldConfig())).save(image)
     with PairWriter(out / "pairs", config={"test": True}) as writer:
-        writer.write(PreferencePair(
-            id="sw000000", image="images/sw000000.png",
-            prompt=[{"role": "user", "content": "<image>\nDescribe the image."}],
-            chosen=caption(SCENES[0]), rejected="a red circle and a cross.", source="inject",
-        ))  # fmt: skip
+        writer.write(
+            PreferencePair(
+                id="sw_000000",
+                image="images/sw_000000.png",
+                prompt=[{"role": "user", "content": "<image>\nDescribe the image."}],
+                chosen=caption(SCENES[0]),
+                rejected="a red circle and a cross.",
+                source="inject",
+            )
+        )
     results = {
         "arms": arms,
         "seeds": [0, 1],
-        "claim": {"holds": True, "checks": {"bpo_chair_i<sft_chair_i": True}},
+        "claim": claim(arms),
         "checks": {},
         "negatives": NEGATIVES,
         "config": {"seed": 0, "world": asdict(WorldConfig())},
@@ -136,7 +163,7 @@ def make_run(out):
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     results = make_run(out)
-    html_path, md_path = write_report(out, results, SCENES, WorldConfig())
+    html_path, md_path = write_report(out, results)
     return out, results, html_path.read_text(), md_path.read_text()
 
 
@@ -191,7 +218,11 @@ def test_html_marks_hallucinations_and_escapes_model_output(report):
     assert r"\<script\>alert(1)\</script\> a frame" in md
     assert re.search(r"(?<!\\)[<>]", md) is None  # every angle bracket escaped
     # Scenes 0 and 1 hold a hallucination, scene 2 none: it comes last.
-    assert page.index("scene 0 ·") < page.index("scene 1 ·") < page.index("scene 2 ·")
+    assert (
+        page.index("scene sw_000000 ·")
+        < page.index("scene sw_000001 ·")
+        < page.index("scene sw_000002 ·")
+    )
     assert "The first 2 held-out scenes (of 3)" in page
     # Self-contained: nothing fetched; the pair viewer written next to it and linked.
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
@@ -214,17 +245,18 @@ def test_full_run_pools_worlds_and_links_every_pair_viewer(tmp_path):
     """`--run.full`: a folder per world seed, results.json pooling the arms over worlds x seeds."""
     worlds = {w: make_run(tmp_path / f"world{w}") for w in (0, 1)}
     arms = {
-        arm: summarize([{"world": w, **run} for w, r in worlds.items()
-                        for run in r["arms"][arm]["per_seed"]])
+        arm: summarize(
+            [{"world": w, **run} for w, r in worlds.items() for run in r["arms"][arm]["per_seed"]]
+        )
         for arm in worlds[0]["arms"]
-    }  # fmt: skip
+    }
     results = {
         **worlds[0],
         "arms": arms,
         "world_seeds": [0, 1],
         "negatives": {f"world{w}": r["negatives"] for w, r in worlds.items()},
     }
-    html_path, md_path = write_report(tmp_path, results, SCENES, WorldConfig())
+    html_path, md_path = write_report(tmp_path, results)
     page, md = html_path.read_text(), md_path.read_text()
     assert "| sft | 4 | 0.2083 ± 0.0481 |" in md  # 1/4, 1/6, 1/4, 1/6: sd sqrt(4 * (1/24)^2 / 3)
     assert "| sft | world 1, seed 0 | 0.2500 |" in md
@@ -239,19 +271,22 @@ def test_full_run_pools_worlds_and_links_every_pair_viewer(tmp_path):
 
 
 def test_mismatched_scenes_show_no_images(tmp_path):
-    results = make_run(tmp_path)
-    html_path, _ = write_report(tmp_path, results, list(reversed(SCENES)), WorldConfig())
+    """Answer files that do not answer the held-out dataset's scenes: no example is guessed."""
+    results = make_run(tmp_path, scenes=SCENES[:2])
+    html_path, _ = write_report(tmp_path, results)
     page = html_path.read_text()
     assert "data:image/png" not in page
-    assert "do not match the answer files" in page
+    assert "do not match the held-out scenes" in page
 
 
-def test_scenes_rebuilt_from_the_config_are_the_run_s():
-    from bpo.shapeworld.demo import DemoConfig, build_world
-
-    cfg = DemoConfig(seed=3, corpus_size=5, tower_scenes=2, align_scenes=2, eval_scenes=4)
-    config = json.loads(json.dumps(asdict(cfg)))  # as results.json holds it: tuples as lists
-    assert rebuild_eval_scenes(config) == build_world(cfg).eval_scenes
+def test_example_images_are_the_held_out_dataset_s_files(report):
+    """The scene images shown are the PNG files `bpo eval` read, byte for byte."""
+    out, _, page, _ = report
+    shown = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    files = {
+        (out / "data" / "held-out" / "images" / f"sw_{i:06d}.png").read_bytes() for i in range(3)
+    }
+    assert {base64.b64decode(data) for data in shown} == files
 
 
 def test_nice_ticks():
@@ -329,10 +364,17 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     probed = out / "report-probe.html"
     probed.write_text(page.replace("</body>", PROBE + "</body>"))
     command = [
-        chromium, "--headless=new", "--disable-gpu", "--no-sandbox", "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2000",
-        "--virtual-time-budget=5000", "--dump-dom", probed.as_uri(),
-    ]  # fmt: skip
+        chromium,
+        "--headless=new",
+        "--disable-gpu",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,2000",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        probed.as_uri(),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     dom = DomReader()

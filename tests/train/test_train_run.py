@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 from trainer_helpers import make_images, make_pairs, tiny_config, write_store
 
 from bpo.models import load_model_and_processor
-from bpo.train.batch import collate_pairs, encode_pair
+from bpo.train.batch import collate_pairs, encode_pair, pad_token_id
 from bpo.train.config import LoraSettings
 from bpo.train.logprobs import naive_pair_logps
-from bpo.train.trainer import epoch_batches, setup_trainable, train
+from bpo.train.model import setup_trainable
+from bpo.train.run import train
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +43,7 @@ def in_memory(tiny_llava_folder, fresh, **overrides):
 def naive_batch(processor, pairs, max_length=None):
     images = make_images()
     encoded = [encode_pair(p, processor, images[p.image], max_length) for p in pairs]
-    return collate_pairs(encoded, processor.tokenizer.pad_token_id)
+    return collate_pairs(encoded, pad_token_id(processor))
 
 
 def test_first_dpo_step_loss_is_log_2(tiny_llava_folder, fresh):
@@ -55,9 +56,14 @@ def test_first_dpo_step_loss_is_log_2(tiny_llava_folder, fresh):
     assert first["lr"] == 1e-2
 
 
-def test_first_sft_step_loss_is_the_naive_chosen_nll(tiny_llava_folder, fresh):
+@pytest.mark.parametrize("pad", [True, False], ids=["pad-token", "no-pad-token"])
+def test_first_sft_step_loss_is_the_naive_chosen_nll(tiny_llava_folder, fresh, pad):
     """SFT's loss is the mean over pairs of -log p(chosen) / |chosen|, here from the naive scorer
-    (one plain sequence per answer) on the untouched model; batch 6 puts every pair in step 1."""
+    (one plain sequence per answer) on the untouched model; batch 6 puts every pair in step 1.
+    Without a pad token (as many LLaMA tokenizers) padding is written with </s>: masked, so the
+    loss is the same."""
+    if not pad:
+        fresh[1].tokenizer.pad_token = None
     _, processor = fresh
     with torch.no_grad():
         logps = naive_pair_logps(fresh[0], naive_batch(processor, make_pairs()))
@@ -68,31 +74,22 @@ def test_first_sft_step_loss_is_the_naive_chosen_nll(tiny_llava_folder, fresh):
     assert "rewards/chosen" not in first
 
 
-def test_epoch_order_is_a_seeded_permutation_split_across_processes():
-    """Each epoch is a new permutation, the same for the same (seed, epoch); two processes get
-    disjoint halves of each global batch, the last one filled by wrapping around."""
-    one = epoch_batches(5, 2, seed=3, epoch=0)
-    assert sorted(i for b in one for i in b) == [0, 1, 2, 3, 4] and [len(b) for b in one] == [
-        2,
-        2,
-        1,
-    ]
-    assert one == epoch_batches(5, 2, seed=3, epoch=0) != epoch_batches(5, 2, seed=3, epoch=1)
-    rank0, rank1 = (epoch_batches(5, 2, 3, 0, rank, world=2) for rank in (0, 1))
-    flat = [i for b in one for i in b]
-    assert rank0 == [flat[0:2], flat[4:5] + flat[0:1]] and rank1 == [flat[2:4], flat[1:3]]
-
-
 def test_resume_after_a_kill_gives_the_same_weights_and_log(tiny_llava_folder, tmp_path):
     """Killed after step 3 (last checkpoint: step 2) and resumed, a run ends with the weights and
     metrics.jsonl of a run never killed: adapter, projector (own lr), Adam state, cosine schedule,
     dropout RNG and the data position across the epoch boundary all restored."""
     store, image_root = write_store(tmp_path / "data")
     config = tiny_config(
-        tiny_llava_folder, tmp_path / "whole", pairs=str(store), image_root=str(image_root),
-        epochs=2, save_steps=2, projector_lr=1e-3, warmup_ratio=0.2,
+        tiny_llava_folder,
+        tmp_path / "whole",
+        pairs=str(store),
+        image_root=str(image_root),
+        epochs=2,
+        save_steps=2,
+        projector_lr=1e-3,
+        warmup_ratio=0.2,
         lora=LoraSettings(r=4, alpha=8, dropout=0.3),
-    )  # fmt: skip
+    )
     whole = train(config, log=lambda _: None)
     assert whole.summary["steps"] == 6  # 6 pairs / batch 2 x 2 epochs
 
@@ -123,9 +120,16 @@ def test_projector_lr_is_applied_and_a_zero_lm_lr_moves_nothing(tiny_llava_folde
     language model and the vision tower not at all."""
     before = {k: v.clone() for k, v in fresh[0].state_dict().items()}
     result = in_memory(
-        tiny_llava_folder, fresh, lr=0.0, projector_lr=1e-3, scheduler="constant", max_steps=1,
-        batch_size=6, max_grad_norm=None, lora=LoraSettings(r=4, alpha=8, dropout=0.0, merge=True),
-    )  # fmt: skip
+        tiny_llava_folder,
+        fresh,
+        lr=0.0,
+        projector_lr=1e-3,
+        scheduler="constant",
+        max_steps=1,
+        batch_size=6,
+        max_grad_norm=None,
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0, merge=True),
+    )
     assert result.history[0]["lr"] == 0.0 and result.history[0]["lr/projector"] == 1e-3
     after = result.model.state_dict()
     assert after.keys() == before.keys()  # merged: a plain LLaVA again
@@ -160,8 +164,8 @@ def test_lora_targets_every_linear_layer_of_the_language_model_only(fresh, tiny_
         for n, m in model.named_modules()
         if hasattr(m, "lora_A")
     }
-    per_layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+    attention = [f"self_attn.{name}_proj" for name in ("q", "k", "v", "o")]
+    per_layer = attention + [f"mlp.{name}_proj" for name in ("gate", "up", "down")]
     assert adapted == {f"model.language_model.layers.{i}.{p}" for i in range(2) for p in per_layer}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -174,8 +178,9 @@ def test_saved_merged_model_loads_back_with_the_same_logits(tiny_llava_folder, f
         tiny_llava_folder, out, max_steps=2, lora=LoraSettings(r=4, alpha=8, merge=True)
     )
     result = train(config, model, processor, make_pairs(), make_images(), log=lambda _: None)
-    loaded, _ = load_model_and_processor(str(out / "model"), dtype="float32", device="cpu",
-                                         attn_implementation="eager")  # fmt: skip
+    loaded, _ = load_model_and_processor(
+        str(out / "model"), dtype="float32", device="cpu", attn_implementation="eager"
+    )
     batch = naive_batch(processor, make_pairs())
     with torch.no_grad():
         ours, theirs = naive_pair_logps(result.model, batch), naive_pair_logps(loaded, batch)
@@ -195,21 +200,27 @@ def test_an_adapter_save_keeps_a_trained_vision_tower_and_projector(
     out = tmp_path / "run"
     model, processor = fresh
     config = tiny_config(
-        tiny_llava_folder, out, max_steps=2, train_vision_tower=True, projector_lr=1e-2,
+        tiny_llava_folder,
+        out,
+        max_steps=2,
+        train_vision_tower=True,
+        projector_lr=1e-2,
         lora=LoraSettings(r=4, alpha=8, merge=False),
-    )  # fmt: skip
+    )
     result = train(config, model, processor, make_pairs(), make_images(), log=lambda _: None)
-    base, _ = load_model_and_processor(str(tiny_llava_folder), dtype="float32", device="cpu",
-                                       attn_implementation="eager")  # fmt: skip
+    base, _ = load_model_and_processor(
+        str(tiny_llava_folder), dtype="float32", device="cpu", attn_implementation="eager"
+    )
     loaded = PeftModel.from_pretrained(base, str(out / "model")).eval()
     batch = naive_batch(processor, make_pairs())
     with torch.no_grad():
         ours, theirs = naive_pair_logps(result.model, batch), naive_pair_logps(loaded, batch)
         untouched = naive_pair_logps(
-            load_model_and_processor(str(tiny_llava_folder), dtype="float32", device="cpu",
-                                     attn_implementation="eager")[0],
+            load_model_and_processor(
+                str(tiny_llava_folder), dtype="float32", device="cpu", attn_implementation="eager"
+            )[0],
             batch,
-        )  # fmt: skip
+        )
     assert torch.allclose(ours.chosen, theirs.chosen, atol=1e-5)
     assert torch.allclose(ours.rejected, theirs.rejected, atol=1e-5)
     assert not torch.allclose(ours.chosen, untouched.chosen, atol=1e-3)  # it did train
@@ -239,8 +250,9 @@ def test_a_pair_with_a_missing_image_is_reported_and_skipped(tiny_llava_folder, 
     pairs[0] = replace(pairs[0], image="gone.png")
     store, image_root = write_store(tmp_path / "data", pairs)
     messages = []
-    config = tiny_config(tiny_llava_folder, None, pairs=str(store), image_root=str(image_root),
-                         sources=["weaken"])  # fmt: skip
+    config = tiny_config(
+        tiny_llava_folder, None, pairs=str(store), image_root=str(image_root), sources=["weaken"]
+    )
     result = train(config, log=messages.append)
     assert result.summary["pairs"] == 2 and result.summary["bad_pairs"] == 1
     assert any("p0:weaken:0" in m and "gone.png" in m for m in messages)
@@ -257,8 +269,8 @@ def test_bpo_train_verb_reads_a_yaml_config(tiny_llava_folder, tmp_path, capsys)
         f"    device: cpu\n  pairs: {store}\n  image_root: {image_root}\n  out: {tmp_path / 'x'}\n"
         "  lora: {r: 4, alpha: 8}\n  lr: 0.01\n  max_steps: 2\n  batch_size: 3\n  trackers: []\n"
     )
-    main(["train", "--config", str(tmp_path / "train.yaml"), "--out", str(tmp_path / "run"),
-          "--method", "sft"])  # fmt: skip
+    config, out = str(tmp_path / "train.yaml"), str(tmp_path / "run")
+    main(["train", "--config", config, "--out", out, "--method", "sft"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["method"] == "sft" and printed["steps"] == 2 and printed["pairs"] == 6
     assert (tmp_path / "run" / "model" / "adapter_model.safetensors").is_file()
@@ -334,13 +346,67 @@ def test_bpo_refs_precomputes_what_bpo_train_then_reuses(tiny_llava_folder, tmp_
     )
     main(["refs", "--config", str(tmp_path / "train.yaml")])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (printed["pairs"], printed["computed"], printed["reused"], printed["bad"]) == (
-        6,
-        6,
-        0,
-        0,
-    )
+    assert [printed[k] for k in ("pairs", "computed", "reused", "bad")] == [6, 6, 0, 0]
     main(["train", "--config", str(tmp_path / "train.yaml")])
     assert "6 reused, 0 computed" in capsys.readouterr().err
     first = json.loads((tmp_path / "x" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def noised_pairs() -> list:
+    """make_pairs() with the weaken pairs p0, p2, p4 made at noise steps 100, 500, 100."""
+    steps = {"p0": 100, "p2": 500, "p4": 100}
+    return [
+        replace(p, meta={"noise_step": steps[p.id]}) if p.id in steps else p for p in make_pairs()
+    ]
+
+
+def test_noise_steps_select_the_same_pairs_from_a_store_and_from_memory(
+    tiny_llava_folder, tmp_path
+):
+    """noise_steps [100]: p0 and p4 only (injected pairs have no noise step), one step of batch
+    2, the same first step from the store (cached references) and in memory (scored here)."""
+    store, image_root = write_store(tmp_path / "data", noised_pairs())
+    config = tiny_config(
+        tiny_llava_folder, None, pairs=str(store), image_root=str(image_root), noise_steps=[100]
+    )
+    from_store = train(config, log=lambda _: None)
+    model, processor = load_model_and_processor(
+        str(tiny_llava_folder), dtype="float32", device="cpu", attn_implementation="eager"
+    )
+    memory_config = replace(config, pairs=None, image_root=None)
+    from_memory = train(memory_config, model, processor, noised_pairs(), make_images(), log=print)
+    assert from_store.summary["pairs"] == from_memory.summary["pairs"] == 2
+    assert from_store.summary["steps"] == 1
+    first, other = from_store.history[0], from_memory.history[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["logps/chosen"] == pytest.approx(other["logps/chosen"], abs=1e-5)
+    assert first["grad_norm"] == pytest.approx(other["grad_norm"], rel=1e-5)
+
+
+def test_training_from_a_store_reuses_the_pass_it_ran(tiny_llava_folder, tmp_path, monkeypatch):
+    """One process trains on the pairs ensure_reference_logps returned: neither the refs file
+    nor the store is read a second time."""
+
+    def read_again(*_args, **_kwargs):
+        raise AssertionError("the store or its refs file was read a second time")
+
+    monkeypatch.setattr("bpo.train.refs.load_reference_logps", read_again)
+    monkeypatch.setattr("bpo.train.refs.load_store_pairs", read_again)
+    store, image_root = write_store(tmp_path / "data")
+    config = tiny_config(
+        tiny_llava_folder, None, pairs=str(store), image_root=str(image_root), max_steps=1
+    )
+    result = train(config, log=lambda _: None)
+    assert result.summary["pairs"] == 6
+    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_pair_with_an_empty_answer_is_reported_and_skipped(tiny_llava_folder, fresh):
+    pairs = make_pairs()
+    pairs[2] = replace(pairs[2], chosen="")
+    messages = []
+    config = tiny_config(tiny_llava_folder, None)
+    result = train(config, *fresh, pairs, make_images(), log=messages.append)
+    assert result.summary["pairs"] == 5 and result.summary["bad_reasons"] == {"empty_answer": 1}
+    assert "skipping pair p2:weaken:0: the chosen answer is empty; fix or drop the pair" in messages

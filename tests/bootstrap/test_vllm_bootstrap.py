@@ -1,4 +1,4 @@
-"""The vLLM backend up to the engine's boundary, with a stand-in engine (`fake_vllm`).
+"""Weakened negatives and `bpo bootstrap` through the vLLM backend, with a stand-in engine.
 
 No real vLLM runs here (it needs a CUDA GPU). What is checked is our side: the image embeddings
 handed to the engine are the transformers path's own image features on identically noised pixels
@@ -6,6 +6,7 @@ handed to the engine are the transformers path's own image features on identical
 carry the settings and the keyed seeds, answers come back in request order, and records, pairs
 and meta match the transformers backend's. The stand-in answers by running the tiny LLaVA on what
 it was handed, so greedy answers equal across backends prove the prompts and embeddings right.
+(The backend alone, clean images and rendered prompts: tests/generate/test_vllm_backend.py.)
 """
 
 from __future__ import annotations
@@ -15,30 +16,27 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import fake_vllm
 import numpy as np
 import pytest
 import torch
 import yaml
-from bootstrap_helpers import mixed_requests
 from jsonargparse import ArgumentParser
 
-from bpo.bootstrap import GenerateConfig, generate_answers, generate_with_config
-from bpo.bootstrap.generate import VllmConfig
-from bpo.bootstrap.run import BootstrapConfig, InjectMethod, WeakenMethod, run_bootstrap
-from bpo.bootstrap.vllm_backend import (
-    VllmGenerator,
-    VllmUnavailableError,
-    engine_kwargs,
-    image_features,
-    make_engine,
-)
-from bpo.bootstrap.weaken import WeakenConfig, noise_pixels, stream_seed, weakened_answers
+import fake_vllm
+from bpo.bootstrap.config import BootstrapConfig, InjectConfig, WeakenConfig
+from bpo.bootstrap.run import run_bootstrap
+from bpo.bootstrap.weaken import noise_pixels, weakened_answers
 from bpo.data import ConfigMismatchError, read_bad_records, read_llava, read_manifest, read_pairs
+from bpo.generate import TransformersGenerator, VllmConfig, VllmGenerator, stream_seed
+from bpo.generate.config import VllmUnavailableError
+from bpo.generate.sampling import eos_ids
+from bpo.generate.vllm_backend import engine_kwargs, make_engine
 from bpo.models import build_prompt
 from bpo.models.load import ModelConfig
+from bpo.models.vision import image_features
 from bpo.shapeworld.export import write_llava_dataset
 from bpo.shapeworld.world import WorldConfig, sample_scene
+from generation_helpers import mixed_requests
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "bootstrap"
@@ -55,10 +53,19 @@ def model_config(folder) -> ModelConfig:
 
 @pytest.fixture
 def generator(vllm_module, loaded, tiny_llava_folder):
-    """A VllmGenerator over the stand-in engine, with the loaded tiny LLaVA as its encoder."""
+    """A VllmGenerator over the stand-in engine; the loaded tiny LLaVA encodes noised images."""
     model, processor = loaded
     engine = make_engine(model_config(tiny_llava_folder), VllmConfig())
-    return VllmGenerator(engine, processor, model, batch_size=4)
+    return VllmGenerator(engine, processor, eos_ids(model, processor.tokenizer))
+
+
+def through_vllm(generator, loaded, requests, config, indices=None):
+    """`weakened_answers` through the vLLM route, the encoder batching 4 images."""
+    return weakened_answers(generator, requests, config, indices, encoder=loaded[0], batch_size=4)
+
+
+def through_transformers(loaded, requests, config, indices=None, batch_size=2):
+    return weakened_answers(TransformersGenerator(*loaded, batch_size), requests, config, indices)
 
 
 def image_requests():
@@ -86,15 +93,15 @@ def test_embeddings_are_the_transformers_paths_image_features_on_the_same_noise(
     model, processor = loaded
     config = WeakenConfig(max_new_tokens=2, samples_per_prompt=2, seed=3)
     asked = image_requests()
-    generator.weakened(asked, config, indices=[10, 11, 12])
+    through_vllm(generator, loaded, asked, config, indices=[10, 11, 12])
     prompts, _ = generator.engine.calls[0]
     handed = [p["multi_modal_data"]["image"] for p in prompts]  # rows (0,0), (0,1), (1,0), ...
     assert len(handed) == 6
     for i, request in enumerate(asked):
         seen = projector_outputs(
             model,
-            lambda request=request, i=i: weakened_answers(
-                model, processor, [request], config, batch_size=1, indices=[10 + i]
+            lambda request=request, i=i: through_transformers(
+                loaded, [request], config, indices=[10 + i], batch_size=1
             ),
         )
         assert len(seen) == 2  # the prefill of each sample: later steps reuse the cache
@@ -103,7 +110,7 @@ def test_embeddings_are_the_transformers_paths_image_features_on_the_same_noise(
             assert torch.equal(handed[2 * i + j], seen[j])
         assert not torch.equal(handed[2 * i], handed[2 * i + 1])
     clean = processor(text=["<image>"], images=[asked[0].image], return_tensors="pt")
-    noised = noise_pixels(clean["pixel_values"], config, 10, 0)
+    noised = noise_pixels(clean["pixel_values"], 900, config, 10, 0)
     assert torch.equal(handed[0], image_features(model, noised))
     assert (handed[0] - image_features(model, clean["pixel_values"])).abs().max() > 1e-2
 
@@ -117,7 +124,7 @@ def test_prompts_and_sampling_params_are_what_vllm_expects(generator, loaded):
         temperature=0.7, top_p=0.9, max_new_tokens=5, samples_per_prompt=2, seed=4
     )
     asked = image_requests()
-    generator.weakened(asked, config, indices=[40, 41, 42])
+    through_vllm(generator, loaded, asked, config, indices=[40, 41, 42])
     prompts, params = generator.engine.calls[0]
     assert prompts[0]["prompt"] == "USER: <image>\nDescribe the image. ASSISTANT:"
     for k, prompt in enumerate(prompts):
@@ -127,8 +134,8 @@ def test_prompts_and_sampling_params_are_what_vllm_expects(generator, loaded):
     assert [p.seed for p in params] == [
         stream_seed(4, i, j, "sample") for i in (40, 41, 42) for j in (0, 1)
     ]
-    generator.weakened(asked[:1], config, indices=[40])
-    generator.weakened(asked[1:], config, indices=[41, 42])
+    through_vllm(generator, loaded, asked[:1], config, indices=[40])
+    through_vllm(generator, loaded, asked[1:], config, indices=[41, 42])
     split = [generator.engine.calls[1], generator.engine.calls[2]]
     again = [p for call, _ in split for p in call]
     assert [p["prompt"] for p in again] == [p["prompt"] for p in prompts]
@@ -143,71 +150,54 @@ def test_greedy_weakened_answers_equal_the_transformers_backends(generator, load
     """At temperature 0 the stand-in, running the tiny LLaVA on the handed prompt + embeddings,
     answers what `weakened_answers` answers: same token ids, text and meta, in request order
     (the three requests' answers differ, so a shuffled order could not pass)."""
-    model, processor = loaded
     config = WeakenConfig(temperature=0.0, max_new_tokens=6, seed=2)
     asked = image_requests()
-    ours = generator.weakened(asked, config, indices=[5, 6, 7])
-    theirs = weakened_answers(model, processor, asked, config, batch_size=2, indices=[5, 6, 7])
+    ours = through_vllm(generator, loaded, asked, config, indices=[5, 6, 7])
+    theirs = through_transformers(loaded, asked, config, indices=[5, 6, 7])
     as_records = [[(a.text, a.token_ids, a.meta) for a in row] for row in ours]
     assert as_records == [[(a.text, a.token_ids, a.meta) for a in row] for row in theirs]
     assert len({tuple(row[0].token_ids) for row in ours}) == 3
     assert ours[1][0].meta["request_index"] == 6 and ours[1][0].logits is None
 
 
-def test_sampled_answers_are_keyed_and_in_request_order(generator):
+def test_sampled_answers_are_keyed_and_in_request_order(generator, loaded):
     """At temperature 1, each (request, sample) answered alone (its own call, its global index)
     gets what it got in one call of six rows: the answers are mapped back to the right row."""
     config = WeakenConfig(temperature=1.0, max_new_tokens=6, samples_per_prompt=2, seed=9)
     asked = image_requests()
-    together = generator.weakened(asked, config)
-    alone = [generator.weakened([r], config, indices=[i])[0] for i, r in enumerate(asked)]
+    together = through_vllm(generator, loaded, asked, config)
+    alone = [through_vllm(generator, loaded, [r], config, [i])[0] for i, r in enumerate(asked)]
     ids = [[a.token_ids for a in row] for row in together]
     assert ids == [[a.token_ids for a in row] for row in alone]
     assert len({tuple(t) for row in ids for t in row}) >= 5
 
 
-def test_clean_answers_through_the_config_front_end(generator, loaded):
-    """`generate_with_config` with backend "vllm": PIL images go over as they are (and a request
-    without an image as text alone); greedy answers equal the transformers backend's."""
+def test_each_noise_step_is_encoded_from_its_own_noise(generator, loaded):
+    """noise_steps [500, 900] x 2 samples: the embeddings of sample k are the features of the
+    pixels noised at its own step with its own key (`noise_pixels(clean, step_k, ..., k)`),
+    and the engine's greedy answers equal the transformers backend's, meta included."""
     model, processor = loaded
-    asked = mixed_requests()
-    config = GenerateConfig(backend="vllm", max_new_tokens=6)
-    ours = generate_with_config(generator, None, asked, config)
-    assert ours == generate_answers(model, processor, asked, batch_size=2, max_new_tokens=6)
-    prompts, params = generator.engine.calls[0]
-    assert prompts[3] == {"prompt": build_prompt(processor, asked[3].messages, has_image=False)}
-    assert prompts[0]["multi_modal_data"]["image"] is asked[0].image
-    assert {(p.temperature, p.top_p, p.seed, p.max_tokens) for p in params} == {(0.0, 1.0, None, 6)}
-    sampled = replace(config, do_sample=True, temperature=0.8, seed=1)
-    generate_with_config(generator, None, asked, sampled)
-    assert [p.seed for p in generator.engine.calls[1][1]] == [
-        stream_seed(1, k, 0, "sample") for k in range(5)
-    ]
-    with pytest.raises(TypeError, match="VllmGenerator"):
-        generate_with_config(model, processor, asked, config)
+    config = WeakenConfig(
+        noise_steps=[500, 900], samples_per_prompt=2, temperature=0.0, max_new_tokens=4, seed=6
+    )
+    asked = image_requests()[:2]
+    ours = through_vllm(generator, loaded, asked, config, indices=[3, 4])
+    prompts, _ = generator.engine.calls[0]
+    handed = [p["multi_modal_data"]["image"] for p in prompts]  # (request, sample) rows
+    assert len(handed) == 8
+    for i, request in enumerate(asked):
+        prompt = build_prompt(processor, request.messages)
+        clean = processor(text=[prompt], images=[request.image], return_tensors="pt")
+        for k, step in enumerate([500, 500, 900, 900]):
+            noised = noise_pixels(clean["pixel_values"], step, config, 3 + i, k)
+            assert torch.equal(handed[4 * i + k], image_features(model, noised))
+    theirs = through_transformers(loaded, asked, config, indices=[3, 4])
+    as_records = [[(a.text, a.token_ids, a.meta) for a in row] for row in ours]
+    assert as_records == [[(a.text, a.token_ids, a.meta) for a in row] for row in theirs]
+    assert [a.meta["noise_step"] for a in ours[1]] == [500, 500, 900, 900]
 
 
-def test_engine_options_come_from_the_config(vllm_module, tiny_llava_folder):
-    options = VllmConfig(tensor_parallel_size=2, gpu_memory_utilization=0.7, max_model_len=2048)
-    engine = make_engine(model_config(tiny_llava_folder), options)
-    assert engine.kwargs == {
-        "model": str(tiny_llava_folder),
-        "revision": None,
-        "trust_remote_code": False,
-        "dtype": "float32",  # the model section's, as the encoder loads it
-        "tensor_parallel_size": 2,
-        "gpu_memory_utilization": 0.7,
-        "enforce_eager": False,
-        "limit_mm_per_prompt": {"image": 1},
-        "enable_mm_embeds": True,
-        "max_model_len": 2048,
-    }
-    config = ModelConfig("llava-hf/llava-1.5-7b-hf", dtype="bf16")
-    both = engine_kwargs(config, VllmConfig(dtype="float16", extra={"seed": 3}))
-    assert (both["dtype"], both["seed"], "max_model_len" in both) == ("float16", 3, False)
-
-
-def test_missing_vllm_fails_at_config_time(monkeypatch, tmp_path, loaded):
+def test_missing_vllm_fails_at_config_time(monkeypatch, tmp_path):
     """Backend "vllm" without vllm: a clear error before the store is opened or a model loaded."""
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     config = BootstrapConfig(
@@ -219,9 +209,6 @@ def test_missing_vllm_fails_at_config_time(monkeypatch, tmp_path, loaded):
     with pytest.raises(VllmUnavailableError, match=r"pip install 'bpo\[vllm\]'"):
         run_bootstrap(config, progress=False)
     assert not (tmp_path / "out").exists()
-    model, processor = loaded
-    with pytest.raises(VllmUnavailableError, match="backend: transformers"):
-        generate_with_config(model, processor, [], GenerateConfig(backend="vllm"))
 
 
 # --- `bpo bootstrap` with backend "vllm" --------------------------------------------------------
@@ -239,13 +226,23 @@ def bootstrap_config(folder, data: Path, out: Path, backend: str) -> BootstrapCo
         model=model_config(folder),
         data=str(data),
         out=str(out),
-        weaken=WeakenMethod(max_new_tokens=6, temperature=0.0, seed=3),
-        inject=InjectMethod(kind="self", mode="qa", max_new_tokens=4, temperature=0.0, max_ratio=9),
+        weaken=WeakenConfig(max_new_tokens=6, temperature=0.0, seed=3),
+        inject=InjectConfig(kind="self", mode="qa", max_new_tokens=4, temperature=0.0, max_ratio=9),
         batch_size=4,
         chunk_size=4,
         backend=backend,  # type: ignore[arg-type]
         vllm=VllmConfig(max_model_len=256),
     )
+
+
+def rewrite_calls(engine) -> list[tuple[dict, object]]:
+    """(prompt, sampling params) of every text-only prompt the engine was handed, in order."""
+    return [
+        (p, s)
+        for prompts, ps in engine.calls
+        for p, s in zip(prompts, ps, strict=True)
+        if "prompt_token_ids" in p
+    ]
 
 
 def pairs_and_rejects(out: Path) -> tuple[list[dict], list[str]]:
@@ -276,18 +273,23 @@ def test_bootstrap_with_vllm_makes_the_transformers_backends_pairs(
     assert len(weakened) == sum(p.source == "weaken" for p in pairs) + sum(
         "_weaken_" in b for b in pairs_and_rejects(tmp_path / "vllm")[1]
     )
-    # "self" rewrites: text-only token-id prompts (no second BOS), keyed by global index.
-    rewrites = [
-        (p, s)
-        for prompts, ps in engine.calls
-        for p, s in zip(prompts, ps, strict=True)
-        if "prompt_token_ids" in p
-    ]
+    # "self" rewrites: text-only token-id prompts (no second BOS), one per sample, greedy.
+    bos = loaded[1].tokenizer.bos_token_id
     samples = len(list(read_llava(data)))
+    rewrites = rewrite_calls(engine)
     assert len(rewrites) == samples
-    assert [s.seed for _, s in rewrites] == [stream_seed(0, k, 0, "inject") for k in range(samples)]
+    assert all(p["prompt_token_ids"][:2] != [bos, bos] for p, _ in rewrites)
+    assert {(s.temperature, s.seed) for _, s in rewrites} == {(0.0, None)}
     with pytest.raises(ConfigMismatchError, match="backend"):
         run_bootstrap(replace(ours, backend="transformers"), model_and_processor=loaded)
+    # Sampled, each rewrite is keyed by its sample's global index.
+    sampled = replace(ours.inject, temperature=0.7, seed=5)
+    run_bootstrap(
+        replace(ours, out=str(tmp_path / "sampled"), weaken=None, inject=sampled), progress=False
+    )
+    rewrites = rewrite_calls(fake_vllm.FakeLLM.instances[-1])
+    assert [s.seed for _, s in rewrites] == [stream_seed(5, k, 0, "inject") for k in range(samples)]
+    assert {(s.temperature, s.top_p) for _, s in rewrites} == {(0.7, 0.9)}
 
 
 def test_shipped_vllm_config_parses(tmp_path):

@@ -1,13 +1,10 @@
-"""`bpo eval` end to end: local benchmark folders, answer files, a local judge, a tiny model."""
+"""`bpo eval` end to end on answer files: local benchmark folders, a local judge, `bpo compare`."""
 
 from __future__ import annotations
 
 import base64
-import dataclasses
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +12,8 @@ from PIL import Image
 
 from bpo.cli import main
 from bpo.endpoint import EndpointConfig
-from bpo.evaluate.runner import (
-    AnswersMismatchError,
-    BenchmarkConfig,
-    EvalConfig,
-    compare_runs,
-    markdown_table,
-    run_eval,
-)
-from bpo.models.load import ModelConfig
+from bpo.evaluate.config import BenchmarkConfig, EvalConfig
+from bpo.evaluate.run import compare_runs, markdown_table, run_eval
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -219,7 +209,12 @@ def offline_config(data: dict[str, Path], server_url: str) -> EvalConfig:
     return EvalConfig(
         name="answers-run",
         benchmarks=[
-            BenchmarkConfig(name="pope", data=str(root / "pope"), image_root=str(root / "coco"), answers=str(data["answers_pope"])),
+            BenchmarkConfig(
+                name="pope",
+                data=str(root / "pope"),
+                image_root=str(root / "coco"),
+                answers=str(data["answers_pope"]),
+            ),
             BenchmarkConfig(
                 name="object_halbench",
                 data=str(root / "objhal" / "obj_halbench.jsonl"),
@@ -227,14 +222,24 @@ def offline_config(data: dict[str, Path], server_url: str) -> EvalConfig:
                 coco_instances=[str(root / "coco" / "instances.json")],
                 coco_captions=[str(root / "coco" / "captions.json")],
             ),
-            BenchmarkConfig(name="mmvet", data=str(root / "mmvet"), answers=str(data["answers_mmvet"])),
-            BenchmarkConfig(name="llava_bench", data=str(root / "llava_bench"), answers=str(data["answers_llava_bench"])),
+            BenchmarkConfig(
+                name="mmvet", data=str(root / "mmvet"), answers=str(data["answers_mmvet"])
+            ),
+            BenchmarkConfig(
+                name="llava_bench",
+                data=str(root / "llava_bench"),
+                answers=str(data["answers_llava_bench"]),
+            ),
         ],
         judge=EndpointConfig(
-            base_url=server_url, model="judge-model", api_key_env="BPO_RUNNER_KEY",
-            backoff_s=0.01, parse_retries=1, concurrency=2,
+            base_url=server_url,
+            model="judge-model",
+            api_key_env="BPO_RUNNER_KEY",
+            backoff_s=0.01,
+            parse_retries=1,
+            concurrency=2,
         ),
-    )  # fmt: skip
+    )
 
 
 def test_answer_files_scored_with_a_local_judge(benchmarks, judge_server, tmp_path, monkeypatch):
@@ -293,9 +298,13 @@ def test_answer_files_scored_with_a_local_judge(benchmarks, judge_server, tmp_pa
     assert all(s.headers["Authorization"] == f"Bearer {KEY}" for s in judge_server.seen)
     written = [p for p in out.rglob("*") if p.is_file()]
     assert {p.relative_to(out).as_posix() for p in written} >= {
-        "results.json", "results.md", "judge_cache/judgments.jsonl",
-        "mmvet/answers.jsonl", "mmvet/judgments.jsonl", "pope/answers.jsonl",
-    }  # fmt: skip
+        "results.json",
+        "results.md",
+        "judge_cache/judgments.jsonl",
+        "mmvet/answers.jsonl",
+        "mmvet/judgments.jsonl",
+        "pope/answers.jsonl",
+    }
     for path in written:
         assert KEY not in path.read_text(errors="replace"), f"the API key leaked into {path}"
 
@@ -303,6 +312,48 @@ def test_answer_files_scored_with_a_local_judge(benchmarks, judge_server, tmp_pa
     again = run_eval(offline_config(benchmarks, judge_server.url), out, log=lambda _: None)
     assert len(judge_server.seen) == 8 + 4
     assert again["benchmarks"]["mmvet"]["total"] == pytest.approx(75.0)
+
+
+def test_judged_records_keep_their_fields_in_order(benchmarks, judge_server, tmp_path, monkeypatch):
+    """judgments.jsonl of MM-Vet and LLaVA-Bench, field by field and in order: question_id, the
+    benchmark's own fields, then what the judge said. v1_2's grade never parsed: asked twice
+    (parse_retries 1), grade None, its last reply kept."""
+    monkeypatch.setenv("BPO_RUNNER_KEY", KEY)
+    judge_server.reply = scripted_judge
+    out = tmp_path / "run"
+    run_eval(offline_config(benchmarks, judge_server.url), out, log=lambda _: None)
+    mmvet = [json.loads(line) for line in (out / "mmvet" / "judgments.jsonl").open()]
+    assert list(mmvet[0].items()) == [
+        ("question_id", "v1_0"),
+        ("answer", "an apple"),
+        ("ground_truth", "apple"),
+        ("capability", ["rec"]),
+        ("grade", 1.0),
+        ("judge_reply", "1.0"),
+        ("judge_attempts", 1),
+        ("judge_cached", False),
+        ("judge_error", None),
+    ]
+    unparsed = mmvet[2]
+    assert (unparsed["grade"], unparsed["judge_reply"], unparsed["judge_attempts"]) == (
+        None,
+        "I cannot say.",
+        2,
+    )
+    assert unparsed["judge_error"]
+    llava = [json.loads(line) for line in (out / "llava_bench" / "judgments.jsonl").open()]
+    assert list(llava[1].items()) == [
+        ("question_id", "1"),
+        ("category", "detail"),
+        ("answer", "mine 1"),
+        ("reference_score", 10.0),
+        ("model_score", 5.0),
+        ("judge_reply", "10 5\nok"),
+        ("judge_attempts", 1),
+        ("judge_cached", False),
+        ("judge_error", None),
+    ]
+    assert (llava[2]["reference_score"], llava[2]["model_score"]) == (None, None)
 
 
 def test_object_halbench_with_judge_listed_objects(benchmarks, judge_server, tmp_path):
@@ -400,113 +451,26 @@ def test_an_answers_file_missing_questions_is_named(benchmarks, tmp_path):
         run_eval(config, tmp_path / "run", log=lambda _: None)
 
 
-# --- generation with a tiny model, resumed --------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shapeworld_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shapeworld")
-    main(["shapeworld", "--out", str(out), "--scenes", "3", "--seed", "2"])
-    return out
-
-
-def tiny_config(model_folder: Path, data: Path, max_new_tokens: int = 5) -> EvalConfig:
-    return EvalConfig(
-        model=ModelConfig(str(model_folder), dtype="float32", device="cpu", attn_implementation="eager"),
+def test_damaged_lines_are_named_by_file_and_line(benchmarks, tmp_path):
+    """A file handed in is read strictly: a last line cut short is damage too, not a line a
+    writer was cut off in (only the run's own answers.jsonl is repaired)."""
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text('{"question_id": "random/1", "answer": "yes"}\n{"question_id": "rand')
+    config = EvalConfig(
         benchmarks=[
-            BenchmarkConfig(name="shapeworld_chair", data=str(data), label="chair"),
-            BenchmarkConfig(
-                name="shapeworld_pope", data=str(data), label="pope", pope_strategies=["adversarial"],
-                pope_per_image=1, max_new_tokens=max_new_tokens,
-            ),
-        ],
-    )  # fmt: skip
-
-
-def test_generated_answers_are_resumed_not_regenerated(
-    tiny_llava_folder, shapeworld_data, tmp_path
-):
-    """Run once; cut the answers file to its first line plus half a line (a crash mid-write);
-    rerun: the file is byte-for-byte what the first run wrote (greedy answers, question order).
-    A stored answer is reused as stored, not regenerated: edited, it is what gets scored."""
-    out = tmp_path / "run"
-    config = tiny_config(tiny_llava_folder, shapeworld_data)
-    first = run_eval(config, out, log=lambda _: None)
-    answers = out / "pope" / "answers.jsonl"
-    original = answers.read_text()
-    lines = original.splitlines(keepends=True)
-    assert len(lines) == 6  # 3 scenes x (1 yes + 1 no question)
-    answers.write_text(lines[0] + lines[1][:10])
-    second = run_eval(config, out, log=lambda _: None)
-    assert answers.read_text() == original
-    assert second["benchmarks"] == first["benchmarks"]
-
-    edited = [json.loads(line) for line in lines]
-    edited[0]["answer"] = "No."
-    answers.write_text("".join(json.dumps(r) + "\n" for r in edited))
-    run_eval(config, out, log=lambda _: None)
-    record = json.loads((out / "pope" / "judgments.jsonl").open().readline())
-    assert (record["answer"], record["prediction"]) == ("No.", "no")
-
-
-def test_answers_made_with_other_settings_are_not_mixed(
-    tiny_llava_folder, shapeworld_data, tmp_path
-):
-    out = tmp_path / "run"
-    run_eval(tiny_config(tiny_llava_folder, shapeworld_data), out, log=lambda _: None)
-    with pytest.raises(AnswersMismatchError, match="holds answers made with other settings"):
-        run_eval(
-            tiny_config(tiny_llava_folder, shapeworld_data, max_new_tokens=7),
-            out,
-            log=lambda _: None,
-        )
-
-
-def test_eval_verb_reads_a_yaml_config(tiny_llava_folder, shapeworld_data, tmp_path, capsys):
-    """`bpo eval --config FILE` with the same schema; prints the table and writes the run."""
-    config = tmp_path / "eval.yaml"
-    config.write_text(
-        f"out: {tmp_path / 'cli-run'}\n"
-        "run:\n"
-        "  model:\n"
-        f"    name_or_path: {tiny_llava_folder}\n"
-        "    dtype: float32\n    device: cpu\n    attn_implementation: eager\n"
-        "  generation:\n    max_new_tokens: 4\n"
-        "  benchmarks:\n"
-        f"  - name: shapeworld_chair\n    data: {shapeworld_data}\n    limit: 2\n"
+            BenchmarkConfig(name="pope", data=str(benchmarks["root"] / "pope"), answers=str(cut))
+        ]
     )
-    main(["eval", "--config", str(config)])
-    assert "| shapeworld_chair | chair_i |" in capsys.readouterr().out
-    results = json.loads((tmp_path / "cli-run" / "results.json").read_text())
-    assert results["benchmarks"]["shapeworld_chair"]["responses"] == 2
-    assert results["model"] == str(tiny_llava_folder)
-    assert set(results["versions"]) >= {"bpo", "torch", "transformers"}
+    with pytest.raises(
+        ValueError,
+        match=r"cut\.jsonl line 2: not valid JSON .*; each line must be a JSON object with "
+        "question_id and answer",
+    ):
+        run_eval(config, tmp_path / "run", log=lambda _: None)
 
-
-@pytest.mark.slow  # the stand-in engine decodes with full forward passes (about 20 s)
-def test_the_vllm_backend_answers_like_transformers(
-    tiny_llava_folder, shapeworld_data, tmp_path, monkeypatch
-):
-    """`generation.backend: vllm` runs through a VllmGenerator (here over the stand-in engine of
-    tests/bootstrap/fake_vllm.py, which runs the tiny model on exactly the prompts and images it
-    is handed): its greedy answers and scores equal the transformers backend's."""
-    spec = importlib.util.spec_from_file_location(
-        "fake_vllm", Path(__file__).parents[1] / "bootstrap" / "fake_vllm.py"
-    )
-    fake_vllm = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "fake_vllm", fake_vllm)  # its dataclasses look it up
-    spec.loader.exec_module(fake_vllm)
-    fake_vllm.install(monkeypatch)
-    base = tiny_config(tiny_llava_folder, shapeworld_data)
-    expected = run_eval(base, tmp_path / "hf", log=lambda _: None)
-    vllm = dataclasses.replace(
-        base, generation=dataclasses.replace(base.generation, backend="vllm")
-    )
-    got = run_eval(vllm, tmp_path / "vllm", log=lambda _: None)
-    assert got["benchmarks"] == expected["benchmarks"]
-    for bench in ("chair", "pope"):
-        hf = (tmp_path / "hf" / bench / "answers.jsonl").read_text()
-        assert (tmp_path / "vllm" / bench / "answers.jsonl").read_text() == hf
-    (engine,) = fake_vllm.FakeLLM.instances
-    assert engine.kwargs["model"] == str(tiny_llava_folder)
-    assert len(engine.calls) >= 2  # one call per benchmark chunk at least
+    questions = benchmarks["root"] / "pope" / "coco_pope_adversarial.json"
+    questions.write_text(questions.read_text() + "{not json\n")
+    with pytest.raises(
+        ValueError, match=r"coco_pope_adversarial\.json line 3: not valid JSON .*; fix or drop"
+    ):
+        run_eval(config, tmp_path / "run2", log=lambda _: None)

@@ -1,4 +1,4 @@
-"""ShapeWorld's training helpers: token ids, batches and the learning-rate schedule."""
+"""The demo base model's training recipes: token ids, batches and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from bpo.demo import pretrain as train
 from bpo.models.load import load_processor
 from bpo.models.prompts import tokenize_prompt_and_answer
-from bpo.shapeworld import train
 
 
 @pytest.mark.parametrize("has_image", [True, False])

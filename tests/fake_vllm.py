@@ -1,5 +1,7 @@
 """A stand-in for the `vllm` module (`LLM`, `SamplingParams`, `EngineArgs`) for CPU tests.
 
+Importable from every test folder (`import fake_vllm`: tests/ is on sys.path).
+
 `FakeLLM` records every call, and answers by running the transformers model at `model` on
 exactly what it was handed, the way vLLM's LLaVA does: the prompt is tokenized (with the
 tokenizer's special tokens, as `LLM.generate` does for text prompts; token-id prompts as given),

@@ -10,30 +10,24 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
-from jsonargparse import ArgumentParser
+from PIL import Image
 
-from bpo.bootstrap.inject import (
-    InjectionVocabulary,
-    LocalRewriter,
-    causal_lm_from_mllm,
-    inject_errors,
-)
-from bpo.bootstrap.run import (
-    BootstrapConfig,
-    InjectMethod,
-    WeakenMethod,
-    length_stats,
-    merge_bootstrap_stores,
-    run_bootstrap,
-)
-from bpo.bootstrap.weaken import stream_seed
+import fake_vllm
+from bpo.bootstrap.config import BootstrapConfig, InjectConfig, WeakenConfig
+from bpo.bootstrap.inject.lexical import InjectionVocabulary, inject_errors
+from bpo.bootstrap.inject.rewriters import LMRewriter, causal_lm_from_mllm
+from bpo.bootstrap.run import merge_bootstrap_stores, run_bootstrap
+from bpo.bootstrap.stats import length_stats
+from bpo.bootstrap.weaken import weakened_answers
 from bpo.cli import main
 from bpo.data import (
     ConfigMismatchError,
+    load_image,
     read_bad_records,
     read_llava,
     read_manifest,
@@ -41,12 +35,12 @@ from bpo.data import (
     remove_image_placeholder,
     split_records,
 )
+from bpo.generate import TransformersGenerator, stream_seed
 from bpo.models.load import ModelConfig, load_from_config
 from bpo.shapeworld.export import write_llava_dataset
 from bpo.shapeworld.world import WorldConfig, sample_scene
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "bootstrap"
 
 
 def make_data(folder: Path, scenes: int) -> Path:
@@ -74,8 +68,8 @@ def config_for(model_dir: Path, data: Path, out: Path, **changes) -> BootstrapCo
         ),
         data=str(data),
         out=str(out),
-        weaken=WeakenMethod(max_new_tokens=8, temperature=1.0, seed=3),
-        inject=InjectMethod(kind="lexical", vocabulary="shapeworld", seed=5),
+        weaken=WeakenConfig(max_new_tokens=8, temperature=1.0, seed=3),
+        inject=InjectConfig(kind="lexical", vocabulary="shapeworld", seed=5),
         batch_size=4,
         chunk_size=4,
     )
@@ -99,7 +93,7 @@ def full_run(tmp_path_factory, tiny_llava_folder, data, loaded):
     return config, run_bootstrap(config, model_and_processor=loaded, progress=False)
 
 
-def test_full_run_counts_every_sample_once_per_method(full_run, data):
+def test_full_run_counts_every_sample_once_per_method(full_run, data, tiny_llava_folder):
     config, manifest = full_run
     samples, bad = split_records(read_llava(data))
     assert bad == [] and len(samples) > 12  # the scenes' questions add turns
@@ -129,6 +123,9 @@ def test_full_run_counts_every_sample_once_per_method(full_run, data):
     pair = next(p for p in pairs if p.source == "weaken")
     assert pair.meta["sample_index"] == 0 and pair.meta["noise_step"] == 900
     assert pair.meta["global_index"] == [s.id for s in samples].index(pair.id)
+    # What made each negative: the MLLM (weaken), the lexical injector's vocabulary (inject).
+    generators = {(p.source, p.meta["generator"]) for p in pairs}
+    assert generators == {("weaken", str(tiny_llava_folder)), ("inject", "lexical:shapeworld")}
     assert manifest["stats"]["lengths"] == length_stats(pairs)
     assert manifest["stats"]["lengths"]["inject"]["pairs"] == len(got) - len(
         [b for b in rejects if "_inject_" in b.reason]
@@ -211,47 +208,51 @@ def test_bad_image_and_bad_line_mid_run_are_reported_and_the_rest_made(
 
 
 def test_length_filter_rejects_are_counted(tmp_path, tiny_llava_folder, data, loaded, full_run):
-    config = config_for(tiny_llava_folder, data, tmp_path / "out", max_length_ratio=1.2)
+    """The bounds [1/1.2, 1.2] on weakened negatives: exactly the unfiltered run's weakened pairs
+    outside them are rejected and counted; injected negatives are never length-filtered (their
+    own validation bounds their length in words), so all of them are kept."""
+    weaken = replace(full_run[0].weaken, max_length_ratio=1.2, min_length_ratio=1 / 1.2)
+    config = config_for(tiny_llava_folder, data, tmp_path / "out", weaken=weaken)
     manifest = run_bootstrap(config, model_and_processor=loaded, progress=False)
     kept = list(read_pairs(config.out))
-    assert all(1 / 1.2 <= p.rejected_tokens / p.chosen_tokens <= 1.2 for p in kept)
+    inside = [p for p in kept if p.source == "weaken"]
+    assert all(1 / 1.2 <= p.rejected_tokens / p.chosen_tokens <= 1.2 for p in inside)
     unfiltered = list(read_pairs(full_run[0].out))
-    dropped = [p for p in unfiltered if not 1 / 1.2 <= p.rejected_tokens / p.chosen_tokens <= 1.2]
-    assert dropped, "the test data should have negatives outside the ratio"
-    by_source = {s: sum(p.source == s for p in dropped) for s in ("weaken", "inject")}
+    outside = [p for p in unfiltered if not 1 / 1.2 <= p.rejected_tokens / p.chosen_tokens <= 1.2]
+    dropped = [p for p in outside if p.source == "weaken"]
+    assert dropped, "the test data should have weakened negatives outside the ratio"
+    assert any(p.source == "inject" for p in outside), "and injected ones, which are kept"
     other = manifest["counts"]["other"]
-    assert other.get("rejected_weaken_length_ratio", 0) == by_source["weaken"]
-    assert other.get("rejected_inject_length_ratio", 0) == by_source["inject"]
+    assert other.get("rejected_weaken_length_ratio", 0) == len(dropped)
+    assert other.get("rejected_inject_length_ratio", 0) == 0
     assert len(kept) + len(dropped) == len(unfiltered)
+    assert records(config.out) == [
+        r
+        for r in records(full_run[0].out)
+        if (r["id"], r["source"]) not in {(p.id, p.source) for p in dropped}
+    ]
 
 
 def test_self_injection_is_the_mllms_own_language_model(tmp_path, tiny_llava_folder, data, loaded):
-    """kind "self": the pairs are LocalRewriter over causal_lm_from_mllm, validated the same way.
+    """kind "self": the pairs are an LMRewriter over causal_lm_from_mllm, validated the same way.
 
     Sampled at temperature 1 in chunks of 4: each sample's rewrite is keyed by its global index,
-    so one rewrite_all over the whole file (batches of 4, other rows) gives the same texts."""
-    inject = InjectMethod(
+    so one rewrite_all over the whole file (batches of 3, other rows) gives the same texts."""
+    inject = InjectConfig(
         kind="self", mode="qa", max_new_tokens=4, temperature=1.0, top_p=1.0, seed=8, max_ratio=9
     )
-    config = config_for(
-        tiny_llava_folder, data, tmp_path / "out", inject=inject, weaken=WeakenMethod(enabled=False)
-    )
-    run_bootstrap(config, model_and_processor=loaded, progress=False)
+    config = config_for(tiny_llava_folder, data, tmp_path / "out", inject=inject, weaken=None)
+    manifest = run_bootstrap(config, model_and_processor=loaded, progress=False)
     model, processor = loaded
-    rewriter = LocalRewriter(
-        causal_lm_from_mllm(model),
+    rewriter = LMRewriter(
+        inject,
+        TransformersGenerator(causal_lm_from_mllm(model), processor.tokenizer, batch_size=3),
         processor.tokenizer,
-        max_new_tokens=4,
-        temperature=1.0,
-        top_p=1.0,
         chat_template=processor.tokenizer.chat_template or processor.chat_template,
-        batch_size=3,
-        max_ratio=9,
-        seed=8,
     )
     samples, _ = split_records(read_llava(data))
     questions = [remove_image_placeholder(s.messages[-1]["content"]) for s in samples]
-    results = rewriter.rewrite_all([s.answer for s in samples], "qa", questions)
+    results = rewriter.rewrite_all([s.answer for s in samples], questions, range(len(samples)))
     assert len({r.raw for r in results}) > len(results) // 2  # sampled: mostly different
     expected = {
         s.id: r.text or f"rejected_inject_{r.reason}" for s, r in zip(samples, results, strict=True)
@@ -260,12 +261,16 @@ def test_self_injection_is_the_mllms_own_language_model(tmp_path, tiny_llava_fol
     got |= {b.id.rsplit(":", 2)[0]: b.reason for b in read_bad_records(config.out)}
     assert got == expected
     assert {p.meta["kind"] for p in read_pairs(config.out)} <= {"self"}
+    assert {p.meta["generator"] for p in read_pairs(config.out)} == {str(tiny_llava_folder)}
+    assert manifest["config"]["weaken"] is None
 
 
 def test_resume_with_another_config_is_refused(tmp_path, tiny_llava_folder, data, loaded, full_run):
     config = full_run[0]
-    changed = replace(config, weaken=replace(config.weaken, noise_step=500))
-    with pytest.raises(ConfigMismatchError, match=r"weaken.noise_step: 900 \(stored\) vs 500"):
+    changed = replace(config, weaken=replace(config.weaken, noise_steps=[500]))
+    with pytest.raises(
+        ConfigMismatchError, match=r"weaken.noise_steps: \[900\] \(stored\) vs \[500\]"
+    ):
         run_bootstrap(changed, model_and_processor=loaded, progress=False)
     # Output-only settings may change: the same store resumes and has nothing left to do.
     same = replace(config, chunk_size=7)
@@ -275,19 +280,168 @@ def test_resume_with_another_config_is_refused(tmp_path, tiny_llava_folder, data
     )
 
 
-def parse_run(path: Path) -> BootstrapConfig:
-    parser = ArgumentParser()
-    parser.add_argument("--run", type=BootstrapConfig)
-    return parser.instantiate(parser.parse_path(str(path))).run
+def test_weaken_alone_makes_the_full_runs_weakened_pairs(
+    tmp_path, tiny_llava_folder, data, loaded, full_run
+):
+    """inject: null: the same weakened pairs and rejects as with both methods, and nothing else
+    (a sample's weakening is keyed by its global index, not by what else the run makes)."""
+    config = config_for(tiny_llava_folder, data, tmp_path / "out", inject=None)
+    manifest = run_bootstrap(config, model_and_processor=loaded, progress=False)
+    assert records(config.out) == [r for r in records(full_run[0].out) if r["source"] == "weaken"]
+    weakened = sorted(b.key for b in read_bad_records(full_run[0].out) if "_weaken_" in b.reason)
+    assert sorted(b.key for b in read_bad_records(config.out)) == weakened
+    assert manifest["config"]["inject"] is None and set(manifest["counts"]["by_source"]) == {
+        "weaken"
+    }
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_parse(path):
-    run = parse_run(path)
-    assert set(yaml.safe_load(path.read_text())) == {"run"}
-    assert run.weaken.noise_step == 900 and run.weaken.schedule == "sigmoid"
-    if "llava" in path.name:
-        assert (run.inject.kind, run.weaken.temperature) == ("self", 1.0)
+def test_several_noise_steps_make_their_own_pairs(tmp_path, tiny_llava_folder, data, loaded):
+    """noise_steps [300, 900] x 2 samples: four weakened pairs (or rejects) per sample, sample
+    indices 0-3 at steps 300, 300, 900, 900, with distinct keys, each the `weakened_answers`
+    sample of that index (request keyed by its global index)."""
+    weaken = WeakenConfig(
+        noise_steps=[300, 900], samples_per_prompt=2, max_new_tokens=6, temperature=1.0, seed=3
+    )
+    config = config_for(tiny_llava_folder, data, tmp_path / "out", weaken=weaken, inject=None)
+    config = replace(config, limit=3)
+    run_bootstrap(config, model_and_processor=loaded, progress=False)
+    pairs, rejects = list(read_pairs(config.out)), list(read_bad_records(config.out))
+    keys = [p.key for p in pairs] + [b.id for b in rejects]
+    assert len(keys) == len(set(keys)) == 3 * 4
+    assert {p.meta["sample_index"] for p in pairs} == {0, 1, 2, 3}
+    assert all(p.meta["noise_step"] == [300, 300, 900, 900][p.meta["sample_index"]] for p in pairs)
+    samples = split_records(read_llava(data))[0][:3]
+    requests = [
+        {"messages": s.messages, "image": load_image(data.parent / s.image)} for s in samples
+    ]
+    expected = weakened_answers(TransformersGenerator(*loaded, batch_size=5), requests, weaken)
+    by_key = {(p.id, p.meta["sample_index"]): p.rejected for p in pairs}
+    for sample, row in zip(samples, expected, strict=True):
+        for k, answer in enumerate(row):
+            if (sample.id, k) in by_key:
+                assert by_key[sample.id, k] == answer.text
+    assert len(by_key) >= 6
+
+
+def test_a_local_rewriter_is_recorded_as_its_folder(tmp_path, tiny_llava_folder, data, loaded):
+    """kind "local": the causal LM at inject.model (loaded from safetensors) rewrites, and each
+    pair names it; every sample gives a pair or a counted reject."""
+    from bpo.models.tiny import build_tiny_causal_lm
+
+    template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    lm, tokenizer = build_tiny_causal_lm(["a red circle and a blue square ."] * 8, template)
+    folder = tmp_path / "rewriter"
+    lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    inject = InjectConfig(
+        kind="local",
+        model=str(folder),
+        max_new_tokens=6,
+        temperature=1.0,
+        min_ratio=0,
+        max_ratio=99,
+    )
+    config = config_for(tiny_llava_folder, data, tmp_path / "out", weaken=None, inject=inject)
+    config = replace(config, limit=4)
+    run_bootstrap(config, model_and_processor=loaded, progress=False)
+    pairs = list(read_pairs(config.out))
+    assert len(pairs) + len(list(read_bad_records(config.out))) == 4
+    assert pairs and {(p.meta["kind"], p.meta["generator"]) for p in pairs} == {
+        ("local", str(folder))
+    }
+
+
+class ScriptedEngine:
+    """A vLLM stand-in that answers each weakened prompt (one with image embeddings) with the
+    answer its question is mapped to, and each text-only prompt (a rewrite) with `rewrite`."""
+
+    def __init__(self, tokenizer, weakened: dict[str, str], rewrite: str):
+        self.tokenizer, self.weakened, self.rewrite = tokenizer, weakened, rewrite
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        outputs = []
+        for prompt in prompts:
+            if "multi_modal_data" in prompt:
+                text = next(a for q, a in self.weakened.items() if q in prompt["prompt"])
+            else:
+                text = self.rewrite
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids.append(self.tokenizer.eos_token_id)
+            outputs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids)]))
+        return outputs
+
+
+# (question, gold, weakened answer); every word is one token of the tiny tokenizer, plus </s>.
+SCRIPT = [
+    ("Describe the image.", "a red circle .", "a red circle and a blue square ."),  # 9 / 5 = 1.8
+    ("What is in the image?", "a blue square .", "yes"),  # 2 / 5 = 0.4
+    ("Is there a circle in the image?", "a dog and a cat .", "a red circle ."),  # 5 / 7 = 0.71
+    ("Is there a square in the image?", "yes", "a red circle ."),  # 5 / 2 = 2.5
+]
+REWRITE = "a green triangle , a yellow diamond and a white ring ."  # 13 tokens, 12 words
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "rejected"),
+    [(None, 1.5, [0, 3]), (0.5, None, [1]), (0.5, 1.5, [0, 1, 3]), (None, None, [])],
+)
+def test_the_length_filter_bounds_weakened_negatives_alone_by_hand(
+    tmp_path, tiny_llava_folder, loaded, low, high, rejected, monkeypatch
+):
+    """Weakened over gold tokens are 9/5 = 1.8, 2/5 = 0.4, 5/7 = 0.71 and 5/2 = 2.5 (SCRIPT).
+    Each bound is one-sided: max 1.5 alone rejects samples 0 and 3 (1.8, 2.5 > 1.5), not 1
+    (0.4 is below 1/1.5, which the old two-sided filter rejected); min 0.5 alone rejects 1 only;
+    both reject 0, 1 and 3. The rewrites (13 tokens) are 13/5 = 2.6, 2.6, 13/7 = 1.86 and 6.5
+    times their golds, outside every bound, and all four are kept: the filter is for weakened
+    negatives only. Generation is scripted (the vLLM route with a stand-in engine), so the
+    answers, and the token counts, are the ones written here."""
+    image = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(image)
+    rows = [
+        {
+            "id": f"r{i}",
+            "image": "img.png",
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"},
+                {"from": "gpt", "value": gold},
+            ],
+        }
+        for i, (question, gold, _) in enumerate(SCRIPT)
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    weaken = WeakenConfig(max_new_tokens=16, min_length_ratio=low, max_length_ratio=high)
+    inject = InjectConfig(kind="self", max_new_tokens=16, temperature=0.0, max_ratio=20)
+    config = config_for(tiny_llava_folder, data, tmp_path / "out", weaken=weaken, inject=inject)
+    config = replace(config, backend="vllm")
+    fake_vllm.install(monkeypatch)  # its SamplingParams; the engine is the scripted one
+    tokenizer = loaded[1].tokenizer
+    engine = ScriptedEngine(tokenizer, {q: a for q, _, a in SCRIPT}, REWRITE)
+    manifest = run_bootstrap(
+        config, model_and_processor=loaded, progress=False, engine_factory=lambda *_: engine
+    )
+    pairs = list(read_pairs(config.out))
+    tokens = {(p.id, p.source): (p.rejected_tokens, p.chosen_tokens) for p in pairs}
+    assert {p.id for p in pairs if p.source == "weaken"} == {
+        f"r{i}" for i in range(4) if i not in rejected
+    }
+    assert [tokens.get((f"r{i}", "weaken")) for i in range(4)] == [
+        None if i in rejected else pair for i, pair in enumerate([(9, 5), (2, 5), (5, 7), (5, 2)])
+    ]
+    assert [tokens[f"r{i}", "inject"] for i in range(4)] == [(13, 5), (13, 5), (13, 7), (13, 2)]
+    other = manifest["counts"]["other"]
+    assert other.get("rejected_weaken_length_ratio", 0) == len(rejected)
+    assert set(other) <= {"rejected_weaken_length_ratio"}
+    bad = {b.id: b for b in read_bad_records(config.out)}
+    assert sorted(bad) == [f"r{i}:weaken:0" for i in rejected]
+    if 0 in rejected:
+        assert bad["r0:weaken:0"].message.endswith(
+            "9 tokens, 1.80x the gold answer's 5: above weaken.max_length_ratio 1.5"
+        )
+    if 1 in rejected:
+        assert bad["r1:weaken:0"].message.endswith(
+            "2 tokens, 0.40x the gold answer's 5: below weaken.min_length_ratio 0.5"
+        )
 
 
 @pytest.mark.slow

@@ -1,0 +1,104 @@
+"""The `bpo demo` schema: everything the ShapeWorld experiment does, fixed before it runs.
+
+`configs/shapeworld-demo.yaml` is this schema's defaults, written out (`bpo demo --print_config`);
+every stage of the run is a product stage configured from it (`bpo.demo.stages`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bpo.models.tiny import TinyLlavaConfig
+from bpo.shapeworld.world import WorldConfig
+
+
+@dataclass
+class StageConfig:
+    """One training stage of the base model: optimizer steps, batch size and peak learning rate."""
+
+    steps: int
+    batch_size: int
+    lr: float
+
+
+@dataclass
+class NegativesConfig:
+    """How the demo bootstraps pairs from its alignment set (one `bpo bootstrap` run)."""
+
+    scenes: int = 500  # alignment scenes whose gold captions are the positives
+    # Weakened negatives at each step (sigmoid schedule; the paper uses t = 900). Moderate steps:
+    # here t <= 300 leaves the image half legible, so the model's own captions carry its text
+    # prior (partner share ~0.5-0.55, chance ~0.34); at t = 900 the image is gone, the captions
+    # ramble (twice the gold's length) and the partner share is at chance.
+    noise_steps: tuple[int, ...] = (100, 300, 500)
+    temperature: float = 1.0
+    max_new_tokens: int = 40
+    batch_size: int = 64
+    # Keep a weakened negative only if its token count is at most this multiple of its gold
+    # caption's (None: keep all). Noised images make long rambling captions, and DPO against long
+    # negatives teaches the model to say less (recall falls) rather than to look.
+    max_length_ratio: float | None = 1.5
+
+
+@dataclass
+class ArmsConfig:
+    """How the demo trains its arms; the seeds are fixed here, before the run."""
+
+    arms: tuple[str, ...] = ("sft", "bpo", "bpo_weaken", "bpo_inject")
+    # A BPO arm per noise step, on the weakened negatives of that step only (`--full true`).
+    sweep_steps: tuple[int, ...] = ()
+    seeds: tuple[int, ...] = (0, 1, 2)  # every seed for sft and bpo
+    ablation_seeds: tuple[int, ...] = (0,)  # the other arms (`bpo demo --full true`: all)
+    steps: int = 150  # optimizer steps, the same for every arm
+    batch_size: int = 16  # pairs per step
+    # Tuned on training seeds 10..12 and held-out scenes 2000..3999 (disjoint from a run's): the
+    # lr is SFT's best (lowest CHAIR_i with recall within 0.02 of its best; full: 1e-3..1e-2,
+    # LoRA r8: 2e-3..2e-2 gave 1e-2); full fine-tuning gave both arms a lower CHAIR_i than LoRA.
+    lr: float = 5e-3  # a 0.2M-parameter model needs a far larger step than a 7B one
+    finetune: Literal["lora", "full"] = "full"
+    lora_r: int = 8  # adapter rank (alpha = 2r), with finetune="lora"
+    beta: float = 0.5  # DPO's KL strength (on mean per-token log-probs, see below)
+    # NLL anchor on the chosen answers (RPO): without it DPO lowers the gold's likelihood too and
+    # shortens captions, which costs recall; 2 kept recall within 0.02 of SFT's where 1 did not.
+    rpo_alpha: float = 2.0
+    # Length-normalized DPO: a summed log-prob rewards short answers, which costs recall.
+    average_log_prob: bool = True
+    warmup_ratio: float = 0.05
+
+
+@dataclass
+class DemoConfig:
+    """Everything `bpo demo` does, fixed before the run (seeds included)."""
+
+    seed: int = 0
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: TinyLlavaConfig = field(default_factory=TinyLlavaConfig)
+    corpus_size: int = 20000  # text-only captions carrying the co-occurrence prior
+    tower_scenes: int = 4000  # images for the vision tower's pretraining
+    align_scenes: int = 3000  # the unbiased image-text alignment set
+    eval_scenes: int = 2000  # held-out scenes for the hallucination metrics
+    qa_fraction: float = 0.3  # share of alignment examples that are questions, not captions
+    lm: StageConfig = field(default_factory=lambda: StageConfig(800, 64, 3e-3))
+    tower: StageConfig = field(default_factory=lambda: StageConfig(400, 64, 2e-3))
+    projector: StageConfig = field(default_factory=lambda: StageConfig(500, 32, 3e-3))
+    full: StageConfig = field(default_factory=lambda: StageConfig(20, 32, 5e-4))
+    # Share of corpus texts whose prompt carries the scene as a grid description (some cells
+    # unknown): they teach the LM to read a scene from context and fill gaps from its prior.
+    grid_fraction: float = 0.6
+    unknown_prob: float = 0.3
+    replay_weight: float = 1.0  # text-corpus replay during the full stage
+    max_new_tokens: int = 40  # caption length limit at evaluation
+    pope_per_image: int = 2  # POPE: yes-questions per image (and as many no-questions)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    training: ArmsConfig = field(default_factory=ArmsConfig)  # the SFT and BPO arms
+    eval_batch_size: int = 100
+    # Torch threads. On an idle 2-core machine 2 threads were ~1.25x faster per step
+    # (benchmarks/threads.py), but on cores shared with other work OpenMP threads spin-wait on
+    # ops this small and ran many times slower than 1; 1 is the safe default.
+    threads: int = 1
+    # `bpo demo --full true`: the whole run once per world seed (each its own world and base
+    # model), every arm on every seed, and a noise-step sweep (negatives and a BPO arm per step).
+    full_run: bool = False
+    full_world_seeds: tuple[int, ...] = (0, 1, 2)
+    full_noise_steps: tuple[int, ...] = (100, 300, 500, 700, 900)

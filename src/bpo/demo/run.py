@@ -1,0 +1,162 @@
+"""`bpo demo`: ShapeWorld end to end on a CPU, through the product's own stages.
+
+One world: build the base model (`bpo.demo.base`), export the alignment and held-out scenes as
+datasets, `bpo bootstrap` the pairs from the base, `bpo train` every arm and seed from the base on
+them (the base's reference log-probs are cached in the pair store, keyed by content, so the first
+DPO arm computes them and every later one reuses them), and `bpo eval` the base and every trained
+model on the held-out scenes. Writes OUT/results.json, the report, and every stage's output and
+config. `--full true` runs one world per world seed and pools them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import transformers
+
+from bpo.data import read_pairs
+from bpo.data.files import write_atomic
+from bpo.demo.arms import arm_seeds, arms_of, check_arms, summarize
+from bpo.demo.base import align_model, build_world, pretrained_model
+from bpo.demo.claim import check_base, claim
+from bpo.demo.config import DemoConfig
+from bpo.demo.report import write_report
+from bpo.demo.stages import bootstrap_pairs, evaluate_model, export_datasets, train_arm
+from bpo.models.tiny import save_tiny_llava
+from bpo.train.data import select_pairs
+from bpo.utils.console import progress_bar
+from bpo.utils.versions import versions
+
+
+def run_demo(cfg: DemoConfig, out: Path, log=print) -> dict:
+    """Run the demo end to end and write OUT/results.json; returns the results.
+
+    With `cfg.full_run`, one run per world seed under OUT/world{seed}, gathered in OUT/results.json.
+    """
+    check_arms(cfg.training, cfg.negatives.noise_steps)
+    if cfg.full_run:
+        return run_full(cfg, out, log)
+    return run_world(cfg, out, log)
+
+
+def run_world(cfg: DemoConfig, out: Path, log=print) -> dict:
+    """One world: base model, pairs, the trained arms, their evaluation; OUT/results.json."""
+    started = time.time()
+    torch.set_num_threads(max(1, cfg.threads))
+    transformers.utils.logging.disable_progress_bar()  # our own bars; no per-save shard bars
+    out.mkdir(parents=True, exist_ok=True)
+    world = build_world(cfg)
+    log(
+        f"world: {len(world.corpus_scenes)} corpus captions, {len(world.align_scenes)} alignment "
+        f"scenes, {len(world.eval_scenes)} held-out scenes"
+    )
+    model, processor = pretrained_model(cfg, world, out / "cache", log)
+    model = align_model(model, processor, cfg, world, log)
+    base = save_tiny_llava(model, processor, out / "base", cfg.model)
+    data = export_datasets(cfg, world, out)
+    with progress_bar("evaluation (base)", 1) as advance:
+        metrics = evaluate_model(cfg, base, data, out, "base")
+        advance(0)
+    log(f"base: CHAIR_i {metrics['chair_i']:.4f}, recall {metrics['recall']:.4f}")
+    pairs, negatives = bootstrap_pairs(cfg, (model, processor), base, data, out)
+    log(f"pairs: {pairs} (view: bpo view {pairs} --image_root {data.align})")
+    arms = {"base": {**metrics, "per_seed": [metrics]}}
+    arms.update(train_arms(cfg, base, pairs, data, out, log))
+    results = {
+        "arms": arms,
+        "seeds": list(cfg.training.seeds),
+        "claim": claim(arms),
+        "checks": {"base": check_base(metrics)},
+        "negatives": negatives,
+        "config": asdict(cfg),
+        "versions": versions(),
+        "wall_s": round(time.time() - started, 1),
+    }
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    html, markdown = write_report(out, results)
+    log(f"report: {html} (markdown: {markdown})")
+    return results
+
+
+def train_arms(cfg: DemoConfig, base: Path, pairs: Path, data, out: Path, log) -> dict:
+    """Train and evaluate every arm for every seed; {arm: mean metrics + std + per_seed}."""
+    training = cfg.training
+    results = {}
+    for arm in arms_of(training):
+        if not select_pairs(read_pairs(pairs), arm.sources, arm.noise_steps):
+            # e.g. a sweep step whose every negative the length filter dropped: say so, go on.
+            log(f"{arm.name}: no pairs to train on (see {pairs / 'manifest.json'}); arm skipped")
+            continue
+        per_seed = []
+        for seed in arm_seeds(arm, training):
+            t0 = time.time()
+            with progress_bar(f"training {arm.name} (seed {seed})", training.steps) as advance:
+                model, _ = train_arm(
+                    cfg,
+                    arm,
+                    seed,
+                    base,
+                    pairs,
+                    data,
+                    out,
+                    on_step=lambda step, m: advance(step, m["loss"], m.get("rewards/accuracies")),
+                )
+            with progress_bar(f"evaluation ({arm.name}, seed {seed})", 1) as advance:
+                metrics = evaluate_model(cfg, model, data, out, f"{arm.name}-s{seed}")
+                advance(0)
+            log(
+                f"{arm.name} seed {seed}: {training.steps} steps ({time.time() - t0:.0f}s), "
+                f"CHAIR_i {metrics['chair_i']:.4f}, recall {metrics['recall']:.4f}"
+            )
+            per_seed.append({"seed": seed, **metrics})
+        if per_seed:
+            results[arm.name] = summarize(per_seed)
+    return results
+
+
+def full_config(cfg: DemoConfig, world_seed: int) -> DemoConfig:
+    """One world of the full run: every arm on every seed, and a BPO arm per noise step."""
+    steps = tuple(cfg.full_noise_steps)
+    training = replace(cfg.training, sweep_steps=steps, ablation_seeds=cfg.training.seeds)
+    negatives = replace(cfg.negatives, noise_steps=steps)
+    return replace(cfg, seed=world_seed, full_run=False, training=training, negatives=negatives)
+
+
+def run_full(cfg: DemoConfig, out: Path, log=print) -> dict:
+    """Every world seed in its own folder; OUT/results.json pools the arms over worlds x seeds."""
+    started = time.time()
+    worlds = {}
+    for world_seed in cfg.full_world_seeds:
+        log(f"world seed {world_seed}")
+        worlds[world_seed] = run_world(
+            full_config(cfg, world_seed), out / f"world{world_seed}", log
+        )
+    arms: dict[str, dict] = {}
+    names = dict.fromkeys(arm for result in worlds.values() for arm in result["arms"])
+    for arm in names:  # an arm a world skipped (no pairs) pools the worlds that ran it
+        runs = [
+            {"world": w, **run}
+            for w, result in worlds.items()
+            if arm in result["arms"]
+            for run in result["arms"][arm]["per_seed"]
+        ]
+        arms[arm] = summarize(runs)
+    results = {
+        "arms": arms,
+        "seeds": list(cfg.training.seeds),
+        "world_seeds": list(cfg.full_world_seeds),
+        "claim": claim(arms),
+        "checks": {f"base_world{w}": r["checks"]["base"] for w, r in worlds.items()},
+        "negatives": {f"world{w}": r["negatives"] for w, r in worlds.items()},
+        "config": asdict(cfg),
+        "versions": versions(),
+        "wall_s": round(time.time() - started, 1),
+    }
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    html, markdown = write_report(out, results)
+    log(f"report: {html} (markdown: {markdown})")
+    return results

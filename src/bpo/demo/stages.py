@@ -1,0 +1,223 @@
+"""The demo's stages, each the product's own: `bpo bootstrap`, `bpo train` (with its cached
+reference pass, `bpo refs`) and `bpo eval`, configured from the DemoConfig.
+
+The demo writes its alignment and held-out scenes as LLaVA-format datasets (`bpo shapeworld`'s
+export) and every stage's config under OUT/configs, so any stage can be rerun from the CLI:
+
+    bpo bootstrap --config OUT/configs/bootstrap.yaml
+    bpo train --config OUT/configs/train-bpo-s0.yaml
+    bpo eval --config OUT/configs/eval-base.yaml
+
+Nothing here bootstraps, scores or evaluates by itself: the numbers the demo reports are the
+ones those commands produce.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bpo.bootstrap.config import BootstrapConfig, InjectConfig, WeakenConfig, weaken_steps
+from bpo.bootstrap.run import run_bootstrap
+from bpo.bootstrap.stats import REJECT_PREFIX
+from bpo.data import read_bad_records, read_manifest, read_pairs
+from bpo.demo.arms import Arm, arm_train_config
+from bpo.demo.config import DemoConfig
+from bpo.evaluate.config import BenchmarkConfig, EvalConfig
+from bpo.evaluate.run import run_eval
+from bpo.evaluate.shapeworld import hallucination_metrics
+from bpo.generate import GenerateConfig
+from bpo.models.load import ModelConfig
+from bpo.shapeworld.export import read_scenes, write_llava_dataset, write_scenes
+from bpo.shapeworld.world import CAPTION_PROMPTS
+from bpo.train.run import train
+
+POPE_METRICS = ("accuracy", "f1", "yes_ratio")
+
+
+@dataclass
+class Datasets:
+    """Where the demo's exported data lives: LLaVA datasets and the corpus's scenes."""
+
+    align: Path  # the bootstrapped alignment scenes: data.json, images/, scenes.jsonl
+    held_out: Path  # the held-out evaluation scenes, the same layout
+    corpus: Path  # the text corpus's scenes (scenes.jsonl, no images): POPE's rankings
+
+
+def write_config(path: Path, config: Any, **top: Any) -> Path:
+    """A stage's config as the YAML its CLI verb reads (`run:` plus the verb's other flags)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(json.dumps({**top, "run": asdict(config)}, default=str))
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def model_config(path: Path) -> ModelConfig:
+    """A model of the demo: fp32 on the CPU, eager attention (exact, repeatable logits)."""
+    return ModelConfig(str(path), dtype="float32", device="cpu", attn_implementation="eager")
+
+
+def export_datasets(cfg: DemoConfig, world: Any, out: Path) -> Datasets:
+    """The alignment scenes to bootstrap from and the held-out scenes, as `bpo shapeworld` data."""
+    data = Datasets(out / "data" / "align", out / "data" / "held-out", out / "data" / "corpus")
+    align = world.align_scenes[: cfg.negatives.scenes]
+    prompt = CAPTION_PROMPTS[0]
+    write_llava_dataset(align, cfg.world, data.align, cfg.seed, with_questions=False, prompt=prompt)
+    write_llava_dataset(
+        world.eval_scenes, cfg.world, data.held_out, cfg.seed, with_questions=False, prompt=prompt
+    )
+    data.corpus.mkdir(parents=True, exist_ok=True)
+    write_scenes(world.corpus_scenes, data.corpus / "scenes.jsonl")
+    return data
+
+
+# --- bootstrap ----------------------------------------------------------------------------------
+
+
+def bootstrap_config(cfg: DemoConfig, base: Path, data: Datasets, out: Path) -> BootstrapConfig:
+    """`bpo bootstrap` on the alignment scenes: weakened negatives at every noise step, and the
+    lexical injector's rewrites (insertions follow the text prior's partners)."""
+    n = cfg.negatives
+    return BootstrapConfig(
+        model=model_config(base),
+        data=str(data.align / "data.json"),
+        image_root=str(data.align),
+        out=str(out),
+        weaken=WeakenConfig(
+            noise_steps=list(n.noise_steps),
+            temperature=n.temperature,
+            max_new_tokens=n.max_new_tokens,
+            seed=cfg.seed,
+            max_length_ratio=n.max_length_ratio,
+        ),
+        inject=InjectConfig(kind="lexical", vocabulary="shapeworld", seed=cfg.seed),
+        batch_size=n.batch_size,
+        chunk_size=4 * n.batch_size,
+    )
+
+
+def bootstrap_pairs(
+    cfg: DemoConfig, loaded: tuple[Any, Any], base: Path, data: Datasets, out: Path
+) -> tuple[Path, dict[str, dict]]:
+    """Run `bpo bootstrap` into OUT/pairs (from the base model in memory, the same weights as
+    OUT/base); return the store and its negatives' statistics against the exact scenes."""
+    config = bootstrap_config(cfg, base, data, out / "pairs")
+    write_config(out / "configs" / "bootstrap.yaml", config)
+    run_bootstrap(config, overwrite=True, model_and_processor=loaded, progress=True)
+    return Path(config.out), negative_stats(Path(config.out), data.align, config.weaken)
+
+
+def negative_stats(store: Path, align: Path, weaken: WeakenConfig) -> dict[str, dict]:
+    """How wrong the negatives are, per source and noise step, against the exact scenes:
+    `with_hallucination` is the share naming a shape absent from the scene; rejects per reason
+    (the store's, by pair key) beside them."""
+    scenes = {f"sw_{i:06d}": scene for i, scene in enumerate(read_scenes(align / "scenes.jsonl"))}
+    steps = weaken_steps(weaken)
+
+    def group(source: str, sample_index: int) -> str:
+        return f"weaken_t{steps[sample_index]}" if source == "weaken" else source
+
+    texts: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+    for pair in read_pairs(store):
+        texts[group(pair.source, pair.meta["sample_index"])].append((pair.rejected, pair.id))
+    rejects: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for bad in read_bad_records(store):
+        if not bad.reason.startswith(REJECT_PREFIX):
+            continue  # a record that could not be read: no negative was made for it
+        _, source, index = bad.id.rsplit(":", 2)  # a rejected negative's id is its pair key
+        reason = bad.reason.removeprefix(f"{REJECT_PREFIX}{source}_")
+        rejects[group(source, int(index))][reason] += 1
+    order = [f"weaken_t{t}" for t in weaken.noise_steps] + ["inject"]
+    stats = {}
+    for key in order:
+        made = texts.get(key, [])
+        metrics = hallucination_metrics([t for t, _ in made], [scenes[i] for _, i in made])
+        stats[key] = {
+            "negatives": len(made),
+            "with_hallucination": metrics["chair_s"],
+            "chair_i": metrics["chair_i"],
+            "partner_share": metrics["partner_share"],
+            "partner_chance": metrics["partner_chance"],
+            "rejected": dict(sorted(rejects.get(key, {}).items())),
+        }
+    manifest = read_manifest(store)
+    stats["inject"]["accepted"] = manifest["counts"]["by_source"].get("inject", 0)
+    return stats
+
+
+# --- train ----------------------------------------------------------------------------------
+
+
+def train_arm(
+    cfg: DemoConfig,
+    arm: Arm,
+    seed: int,
+    base: Path,
+    pairs: Path,
+    data: Datasets,
+    out: Path,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> tuple[Path, list[dict]]:
+    """`bpo train` of one arm and seed into OUT/train/{arm}-s{seed}; (its model, its metrics)."""
+    name = f"{arm.name}-s{seed}"
+    folder = out / "train" / name
+    shutil.rmtree(folder, ignore_errors=True)  # the demo's own output, made anew each run
+    config = arm_train_config(arm, seed, cfg.training, base, pairs, data.align, folder)
+    write_config(out / "configs" / f"train-{name}.yaml", config)
+    result = train(config, on_step=on_step, log=lambda _msg: None)
+    return folder / "model", result.history
+
+
+# --- evaluate -------------------------------------------------------------------------------
+
+
+def eval_config(cfg: DemoConfig, model: Path, data: Datasets, name: str) -> EvalConfig:
+    """`bpo eval` of one model on the held-out scenes: CHAIR (with the partner share) and POPE,
+    its popular and adversarial questions ranked by the text corpus (the statistics the LM
+    learned, as COCO's annotations are for LLaVA)."""
+    held_out = str(data.held_out)
+    return EvalConfig(
+        name=name,
+        model=model_config(model),
+        generation=GenerateConfig(
+            batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens
+        ),
+        benchmarks=[
+            BenchmarkConfig(name="shapeworld_chair", data=held_out),
+            BenchmarkConfig(
+                name="shapeworld_pope",
+                data=held_out,
+                prompt_suffix="",  # the world's own question, as the model was aligned on it
+                max_new_tokens=6,
+                pope_per_image=cfg.pope_per_image,
+                seed=cfg.seed,
+                pope_rank_scenes=str(data.corpus / "scenes.jsonl"),
+            ),
+        ],
+    )
+
+
+def metrics_of(results: dict) -> dict[str, float]:
+    """The demo's flat metrics from a `bpo eval` results.json: CHAIR's and POPE's per strategy."""
+    benchmarks = results["benchmarks"]
+    metrics = dict(benchmarks["shapeworld_chair"])
+    for strategy, values in benchmarks["shapeworld_pope"].items():
+        if strategy != "all":
+            metrics.update({f"pope_{strategy}_{m}": values[m] for m in POPE_METRICS})
+    return metrics
+
+
+def evaluate_model(cfg: DemoConfig, model: Path, data: Datasets, out: Path, name: str) -> dict:
+    """`bpo eval` of one model into OUT/eval/{name} (made anew); its flat metrics."""
+    folder = out / "eval" / name
+    shutil.rmtree(folder, ignore_errors=True)  # answers of an earlier model at the same path
+    config = eval_config(cfg, model, data, name)
+    write_config(out / "configs" / f"eval-{name}.yaml", config, out=str(folder))
+    return metrics_of(run_eval(config, folder, log=lambda _msg: None))

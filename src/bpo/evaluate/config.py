@@ -1,0 +1,79 @@
+"""The schema of `bpo eval`: `EvalConfig` (a run) and `BenchmarkConfig` (one benchmark of it).
+
+`check_config` validates every setting it can without reading a file, so a config that cannot run
+to the end fails before any model loads: unknown benchmark names, repeated labels, options set on
+a benchmark that does not read them, a judged benchmark without a judge, a benchmark with neither
+a model nor an answers file, generation settings that cannot decode or a backend that is not
+installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bpo.endpoint import EndpointConfig
+from bpo.evaluate.benchmarks import (
+    BenchmarkConfig,
+    BenchmarkName,
+    benchmark,
+    ignored_options,
+    judge_missing,
+    needs_judge,
+)
+from bpo.generate.config import GenerateConfig, check_generate_config
+from bpo.models.load import ModelConfig
+
+# BenchmarkConfig and BenchmarkName belong to the schema; they are defined beside the table.
+__all__ = ["BenchmarkConfig", "BenchmarkName", "EvalConfig", "check_benchmark", "check_config"]
+
+
+@dataclass
+class EvalConfig:
+    """A run of `bpo eval`: the model (or answer files), the benchmarks, generation and judge."""
+
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list)
+    model: ModelConfig | None = None  # null when every benchmark has an `answers` file
+    generation: GenerateConfig = field(default_factory=GenerateConfig)
+    judge: EndpointConfig | None = None  # needed by mmvet, llava_bench, judge_objects
+    name: str | None = None  # the run's column title in `bpo compare`; default the folder name
+
+
+def _check_counts(bench: BenchmarkConfig) -> None:
+    for option in ("limit", "max_new_tokens"):
+        value = getattr(bench, option)
+        if value is not None and value < 1:
+            raise ValueError(
+                f"benchmark {bench.key}: {option} is {value}; use a positive number or null"
+            )
+
+
+def check_benchmark(config: EvalConfig, bench: BenchmarkConfig) -> None:
+    """Fail on a setting of one benchmark that cannot run (the name first: the rest needs it)."""
+    spec = benchmark(bench)
+    ignored = ignored_options(bench)
+    if ignored:
+        reads = ", ".join(sorted(spec.options)) or "none of them"
+        raise ValueError(
+            f"benchmark {bench.key}: {bench.name} does not read {', '.join(ignored)} (of the "
+            f"benchmark-specific options it reads {reads}); remove them"
+        )
+    _check_counts(bench)
+    spec.check(bench)
+    if needs_judge(bench) and config.judge is None:
+        raise ValueError(judge_missing(bench))
+    if bench.answers is None and config.model is None:
+        raise ValueError(
+            f"benchmark {bench.key} has no `answers:` file and the config no `model:`; add one"
+        )
+
+
+def check_config(config: EvalConfig) -> None:
+    """Fail before any work on a config that cannot run to the end."""
+    if not config.benchmarks:
+        raise ValueError("the config lists no benchmarks; add a `benchmarks:` list")
+    keys = [b.key for b in config.benchmarks]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"benchmark labels repeat ({keys}); give each a distinct `label`")
+    for bench in config.benchmarks:
+        check_benchmark(config, bench)
+    check_generate_config(config.generation)  # a missing vllm, too, fails before any work

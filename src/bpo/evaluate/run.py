@@ -1,0 +1,129 @@
+"""`bpo eval`: answer the benchmarks a config lists, score them, write what a person compares.
+
+Layout of the output folder:
+
+- `{benchmark}/answers.jsonl`, `{benchmark}/answers.meta.json`: the answers and what generated
+  them (`bpo.evaluate.answers`); a rerun reuses them;
+- `{benchmark}/judgments.jsonl`: the per-question scoring (parsed answer, mentions, grades, the
+  judge's reply), rewritten on every run;
+- `judge_cache/judgments.jsonl`: the judge's parsed replies by hash; a rerun asks nothing twice;
+- `results.json`: metrics per benchmark, the model, the config, library versions;
+- `results.md`: the metrics as a markdown table; `bpo compare RUN...` sets runs side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bpo.data.files import write_atomic
+from bpo.endpoint import ChatClient
+from bpo.evaluate.answers import ModelHolder, ensure_answers
+from bpo.evaluate.benchmarks import benchmark, needs_judge, read_items
+from bpo.evaluate.config import EvalConfig, check_config
+from bpo.utils.versions import versions
+
+
+def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for name, value in metrics.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, key + "/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[key] = value
+    return flat
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    # Rates (0-1) need four decimals to tell runs apart; percentages and scores need two.
+    return f"{value:.4f}" if abs(value) < 1.5 else f"{value:.2f}"
+
+
+def markdown_table(runs: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Runs side by side: a row per (benchmark, metric), a column per run ('-' where absent).
+
+    runs: {run name: {benchmark: metrics}} (metrics nested as results.json holds them).
+    """
+    names = list(runs)
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    for name, benchmarks in runs.items():
+        for bench, metrics in benchmarks.items():
+            for metric, value in _flatten(metrics).items():
+                rows.setdefault((bench, metric), {})[name] = value
+    lines = [
+        "| benchmark | metric | " + " | ".join(names) + " |",
+        "|---|---|" + "---:|" * len(names),
+    ]
+    for (bench, metric), values in rows.items():
+        cells = " | ".join(_cell(values.get(n)) for n in names)
+        lines.append(f"| {bench} | {metric} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def _json_lines(records: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+def run_eval(config: EvalConfig, out: str | Path, log: Callable[[str], None] = print) -> dict:
+    """Run every benchmark of `config` into `out`; returns what results.json holds."""
+    started = time.time()
+    check_config(config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = ModelHolder(config.model, config.generation)
+    client = None
+    if config.judge is not None and any(needs_judge(b) for b in config.benchmarks):
+        client = ChatClient(
+            config.judge, cache_dir=out / "judge_cache", cache_name="judgments.jsonl"
+        )
+    results: dict[str, Any] = {}
+    try:
+        for bench in config.benchmarks:
+            folder = out / bench.key
+            items = read_items(bench)
+            answers = ensure_answers(config, bench, items, folder, model, log)
+            metrics, records = benchmark(bench).score(bench, items, answers, client)
+            write_atomic(folder / "judgments.jsonl", _json_lines(records))
+            results[bench.key] = metrics
+            log(f"{bench.key}: scored {len(items)} questions")
+    finally:
+        if client is not None:
+            client.close()
+    name = config.name or out.resolve().name
+    summary = {
+        "name": name,
+        "model": config.model.name_or_path if config.model else None,
+        "benchmarks": results,
+        "config": asdict(config),
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.time() - started, 1),
+    }
+    write_atomic(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "results.md", f"# {name}\n\n" + markdown_table({name: results}))
+    return summary
+
+
+def compare_runs(runs: Sequence[str | Path]) -> str:
+    """The markdown table of several runs' results.json, side by side."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        path = Path(run)
+        path = path / "results.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; pass the output folder of a `bpo eval` run")
+        data = json.loads(path.read_text())
+        name = data.get("name") or path.parent.name
+        while name in table:  # two runs of one name stay two columns
+            name += "'"
+        table[name] = data["benchmarks"]
+    return markdown_table(table)

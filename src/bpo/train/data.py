@@ -1,0 +1,267 @@
+"""The pairs a run reads: selection, per-pair loading and encoding, collation, epoch order, and
+their scores under the frozen reference.
+
+Training and the reference pass (`bpo.train.refs`) read pairs the same way: a PairDataset loads
+each pair's image and encodes it on access, and a Collator packs the good ones into a PairBatch.
+A pair that cannot be used (missing or broken image, empty answer, prompt too long) comes back as
+a BadPair with its key and reason, so one bad pair never stops a batch. `score_pairs` is the one
+path every reference log-prob comes from, cached in a store or computed in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bpo.data.images import ImageError, check_image, load_image
+from bpo.data.records import PreferencePair
+from bpo.train.batch import (
+    EncodedPair,
+    EncodeError,
+    PairBatch,
+    collate_pairs,
+    encode_pair,
+    pad_token_id,
+)
+from bpo.train.logprobs import pair_logps
+
+
+@dataclass
+class BadPair:
+    """A pair that cannot be used: its image is missing or broken, or it cannot be encoded.
+
+    Args:
+        reason: a short class for counting ("missing_image", "empty_answer", ...).
+        message: what to tell the user, naming the pair.
+    """
+
+    key: str
+    reason: str
+    message: str
+
+
+def image_bad_pair(pair: PreferencePair, exc: ImageError) -> BadPair:
+    """The BadPair of a pair whose image cannot be used."""
+    return BadPair(pair.key, exc.reason, f"pair {pair.key}: {exc}")
+
+
+def select_pairs(
+    pairs: Iterable[PreferencePair],
+    sources: Sequence[str] | None,
+    noise_steps: Sequence[int] | None,
+) -> list[PreferencePair]:
+    """The pairs of the given sources and made at the given noise steps (None: no filter)."""
+    return [
+        p
+        for p in pairs
+        if (sources is None or p.source in sources)
+        and (noise_steps is None or p.meta.get("noise_step") in noise_steps)
+    ]
+
+
+def load_store_pairs(
+    directory: str | Path,
+    sources: Sequence[str] | None = None,
+    noise_steps: Sequence[int] | None = None,
+) -> list[PreferencePair]:
+    """The pairs of a store that `select_pairs` keeps; ValueError when none is left."""
+    from bpo.data.store import read_manifest, read_pairs
+
+    read_manifest(directory)  # a clear error when the folder is not a store
+    pairs = select_pairs(read_pairs(directory), sources, noise_steps)
+    if not pairs:
+        filters = [f"sources {list(sources)}"] if sources else []
+        filters += [f"noise steps {list(noise_steps)}"] if noise_steps else []
+        raise ValueError(
+            f"{directory} holds no pairs{' of ' + ' and '.join(filters) if filters else ''}; "
+            "check run.pairs, run.sources and run.noise_steps"
+        )
+    return pairs
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Pairs, each loaded (image) and encoded on access; a bad pair comes back as a BadPair.
+
+    Args:
+        images: the pairs' images by their `image` path (the in-memory API); else `image_root`.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[PreferencePair],
+        processor: Any,
+        image_root: str | Path | None = None,
+        images: Mapping[str, Image.Image] | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        self.pairs = list(pairs)
+        self.processor = processor
+        self.image_root = Path(image_root) if image_root is not None else None
+        self.images = images
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _image(self, pair: PreferencePair) -> Image.Image | None:
+        if pair.image is None:
+            return None
+        if self.images is not None:
+            if pair.image not in self.images:
+                raise ImageError(f"image '{pair.image}' is not among the images given to train()")
+            return self.images[pair.image]
+        if self.image_root is None:
+            raise ImageError(f"image '{pair.image}' but no image_root; set run.image_root")
+        # check_image first: its messages name the path as written and the root to fix.
+        return load_image(check_image(self.image_root, pair.image, decode=False))
+
+    def __getitem__(self, index: int) -> EncodedPair | BadPair:
+        pair = self.pairs[index]
+        try:
+            return encode_pair(pair, self.processor, self._image(pair), self.max_length)
+        except ImageError as exc:
+            return image_bad_pair(pair, exc)
+        except EncodeError as exc:
+            return BadPair(pair.key, exc.reason, str(exc))
+
+
+@dataclass
+class Collated:
+    """One micro-batch: the good pairs collated (None if there are none) and the bad ones."""
+
+    batch: PairBatch | None
+    bad: list[BadPair]
+
+
+class Collator:
+    """collate_pairs over the good items, plus each pair's reference log-probs when known."""
+
+    def __init__(self, pad_token_id: int, refs: Mapping[str, tuple[float, float]] | None = None):
+        self.pad_token_id = pad_token_id
+        self.refs = refs
+
+    def __call__(self, items: list[EncodedPair | BadPair]) -> Collated:
+        good = [item for item in items if isinstance(item, EncodedPair)]
+        bad = [item for item in items if isinstance(item, BadPair)]
+        if not good:
+            return Collated(None, bad)
+        batch = collate_pairs(good, self.pad_token_id)
+        if self.refs is not None:
+            chosen, rejected = zip(*(self.refs[key] for key in batch.keys), strict=True)
+            batch.tensors["ref_chosen_logps"] = torch.tensor(chosen, dtype=torch.float32)
+            batch.tensors["ref_rejected_logps"] = torch.tensor(rejected, dtype=torch.float32)
+        return Collated(batch, bad)
+
+
+def epoch_batches(
+    num_pairs: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
+    """This process's micro-batches (pair indices) for an epoch: a seeded shuffle, recomputable.
+
+    With several processes the order is cut into global batches of `batch_size * world` pairs,
+    the last one filled by wrapping around (as DistributedSampler does), so every process runs the
+    same number of forward passes.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_pairs).tolist()
+    chunk = batch_size * world
+    if world > 1 and len(order) % chunk:
+        order += order[: chunk - len(order) % chunk]
+    return [
+        order[start + rank * batch_size : start + (rank + 1) * batch_size]
+        for start in range(0, len(order), chunk)
+    ]
+
+
+# --- reference scores ----------------------------------------------------------------------
+
+
+@dataclass
+class PairScore:
+    """The reference's scores of one pair, as `score_pairs` computes them.
+
+    Args:
+        truncated: an answer was cut to fit max_length (its log-prob covers the kept tokens).
+    """
+
+    key: str
+    ref_chosen_logp: float
+    ref_rejected_logp: float
+    chosen_tokens: int
+    rejected_tokens: int
+    truncated: bool = False
+
+
+def _score_batch(
+    model: Any, collated: Collated, device: Any
+) -> tuple[list[PairScore], list[BadPair]]:
+    """Score one collated batch; pairs whose log-probs are not finite join its bad pairs."""
+    bad = list(collated.bad)
+    if collated.batch is None:
+        return [], bad
+    batch = collated.batch
+    logps = pair_logps(model, batch.to(device))
+    rows = zip(
+        batch.keys,
+        logps.chosen.float().tolist(),
+        logps.rejected.float().tolist(),
+        logps.chosen_tokens.tolist(),
+        logps.rejected_tokens.tolist(),
+        batch.extra["truncated"],
+        strict=True,
+    )
+    scores = []
+    for key, chosen, rejected, n_chosen, n_rejected, truncated in rows:
+        if not (math.isfinite(chosen) and math.isfinite(rejected)):
+            message = f"pair {key}: reference log-probs are not finite ({chosen}, {rejected})"
+            bad.append(BadPair(key, "non_finite_logps", message))
+            continue
+        scores.append(PairScore(key, chosen, rejected, int(n_chosen), int(n_rejected), truncated))
+    return scores, bad
+
+
+def score_pairs(
+    model: Any,
+    dataset: PairDataset,
+    batch_size: int,
+    indices: Sequence[int] | None = None,
+    on_batch: Callable[[list[PairScore], list[BadPair]], None] | None = None,
+) -> tuple[list[PairScore], list[BadPair]]:
+    """The frozen model's scores of the dataset's pairs: every reference log-prob comes from here.
+
+    Runs in eval mode, without gradients, in the weights' own dtype (call it outside autocast),
+    on the device of the model's first parameter; the model is given back in the mode it came in.
+
+    Args:
+        indices: the pairs to score (a process's share); default all, in order.
+        on_batch: called with each batch's (scores, bad pairs) as soon as it is scored.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = list(range(len(dataset))) if indices is None else list(indices)
+    collate = Collator(pad_token_id(dataset.processor))
+    device = next(model.parameters()).device
+    scores: list[PairScore] = []
+    bad: list[BadPair] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            collated = collate([dataset[i] for i in order[start : start + batch_size]])
+            # no_grad, not inference_mode: training goes on with this very model, and a tensor a
+            # module caches during an inference-mode forward could never be saved for backward.
+            with torch.no_grad():
+                batch_scores, batch_bad = _score_batch(model, collated, device)
+            if on_batch is not None:
+                on_batch(batch_scores, batch_bad)
+            scores += batch_scores
+            bad += batch_bad
+    finally:
+        model.train(was_training)
+    return scores, bad

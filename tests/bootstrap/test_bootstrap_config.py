@@ -1,0 +1,174 @@
+"""The `bpo bootstrap` schema: every bad setting refused up front, what the store records, the
+shipped configs."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonargparse import ArgumentParser
+
+import fake_vllm
+from bpo.bootstrap.config import (
+    BootstrapConfig,
+    InjectConfig,
+    WeakenConfig,
+    check_config,
+    store_config,
+    weaken_steps,
+)
+from bpo.bootstrap.run import run_bootstrap
+from bpo.endpoint import EndpointConfig
+from bpo.generate import VllmConfig
+from bpo.generate.config import VllmUnavailableError
+from bpo.models.load import ModelConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "bootstrap"
+
+
+def config_in(folder: Path, **changes) -> BootstrapConfig:
+    """A config whose model folder and data file do not exist."""
+    config = BootstrapConfig(
+        model=ModelConfig(str(folder / "no-such-model"), device="cpu"),
+        data=str(folder / "no-such-data.json"),
+        out=str(folder / "out"),
+    )
+    return replace(config, **changes)
+
+
+def weaken(**changes) -> WeakenConfig:
+    return replace(WeakenConfig(), **changes)
+
+
+def inject(**changes) -> InjectConfig:
+    return replace(InjectConfig(), **changes)
+
+
+BAD = [
+    ({"weaken": weaken(noise_steps=[])}, r"weaken\.noise_steps is empty"),
+    (
+        {"weaken": weaken(noise_steps=[300, 300])},
+        r"weaken\.noise_steps repeats a step: \[300, 300\]",
+    ),
+    ({"weaken": weaken(noise_steps=[1000])}, r"noise step must be an integer in \[0, 999\]"),
+    ({"weaken": weaken(noise_steps=[900.0])}, r"weaken\.noise_steps holds 900\.0"),
+    ({"weaken": weaken(noise_steps=[True])}, r"weaken\.noise_steps holds True"),
+    ({"weaken": weaken(schedule="cosine")}, r"weaken\.schedule 'cosine' is unknown"),
+    ({"weaken": weaken(temperature=-1.0)}, r"weaken\.temperature must be >= 0"),
+    ({"weaken": weaken(top_p=1.5)}, r"weaken\.top_p must be in \(0, 1\]"),
+    ({"weaken": weaken(samples_per_prompt=0)}, r"weaken\.samples_per_prompt must be at least 1"),
+    ({"weaken": weaken(max_new_tokens=0)}, r"weaken\.max_new_tokens must be at least 1"),
+    ({"weaken": weaken(max_length_ratio=0.0)}, r"must be > 0 or null"),
+    ({"weaken": weaken(min_length_ratio=-1.0)}, r"must be > 0 or null"),
+    (
+        {"weaken": weaken(min_length_ratio=2.0, max_length_ratio=1.5)},
+        r"weaken\.min_length_ratio 2\.0 is above max_length_ratio 1\.5",
+    ),
+    ({"inject": inject(kind="local")}, r"inject\.kind 'local' needs inject\.model"),
+    ({"inject": inject(edit_types=["recolour"])}, r"inject\.edit_types \['recolour'\]"),
+    ({"inject": inject(edit_types=[])}, r"must be a non-empty list"),
+    ({"inject": inject(num_edits=0)}, r"inject\.num_edits must be at least 1"),
+    ({"inject": inject(min_ratio=3.0)}, r"min_ratio \(3\.0\) and max_ratio \(2\.0\)"),
+    ({"inject": inject(temperature=-0.1)}, r"inject needs temperature >= 0"),
+    ({"inject": inject(max_new_tokens=0)}, r"inject\.max_new_tokens must be at least 1"),
+    ({"weaken": None, "inject": None}, r"both methods are off \(weaken: null, inject: null\)"),
+    ({"num_shards": 2, "shard_index": 2}, r"shard_index must be in \[0, num_shards\)"),
+    ({"batch_size": 0}, r"batch_size must be at least 1"),
+    ({"chunk_size": 0}, r"chunk_size must be at least 1"),
+    ({"limit": -1}, r"limit must be >= 0 or null"),
+    ({"backend": "tgi"}, r"unknown generation backend 'tgi'"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD, ids=[m for _, m in BAD])
+def test_a_bad_setting_is_refused_before_the_store_opens_or_a_model_loads(
+    tmp_path, changes, message
+):
+    """The model folder and the data file do not exist: the config error must come first, and
+    nothing is written."""
+    with pytest.raises(ValueError, match=message):
+        run_bootstrap(config_in(tmp_path, **changes), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_stand_in_engine_still_needs_vllm(tmp_path, monkeypatch, tiny_llava_folder):
+    """An engine factory does not lift the vllm check (its SamplingParams carry the settings):
+    without vllm the run stops before the store opens and before the factory is called."""
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    made = []
+    config = config_in(tmp_path, backend="vllm")
+    with pytest.raises(VllmUnavailableError, match=r"pip install 'bpo\[vllm\]'"):
+        run_bootstrap(config, progress=False, engine_factory=lambda *a: made.append(a))
+    assert made == [] and not (tmp_path / "out").exists()
+
+
+def test_a_valid_config_gets_as_far_as_the_model(tmp_path):
+    """The control: with every setting valid, the same missing model folder is what fails."""
+    with pytest.raises(FileNotFoundError, match="no-such-model' not found"):
+        run_bootstrap(config_in(tmp_path), progress=False)
+
+
+def test_sample_indices_run_over_steps_then_samples():
+    """noise_steps [100, 500, 900] x 2 samples: sample index k has step [t0, t0, t1, t1, t2, t2][k]."""
+    steps = weaken_steps(WeakenConfig(noise_steps=[100, 500, 900], samples_per_prompt=2))
+    assert steps == [100, 100, 500, 500, 900, 900]
+    assert weaken_steps(WeakenConfig()) == [900]
+
+
+def test_the_store_records_what_changes_the_pairs(tmp_path):
+    """Everything but the output settings; the endpoint only for an endpoint rewriter; the
+    backend only when it is vLLM (less the engine's memory share); a null method as null."""
+    config = config_in(tmp_path, inject=inject(kind="lexical"), chunk_size=7, shard_size=3)
+    recorded = store_config(config)
+    assert recorded["stage"] == "bootstrap"
+    assert not {"out", "chunk_size", "shard_size", "backend", "vllm"} & set(recorded)
+    assert "endpoint" not in recorded["inject"] and recorded["inject"]["kind"] == "lexical"
+    assert recorded["weaken"]["noise_steps"] == [900]
+    assert recorded["weaken"]["max_length_ratio"] is None
+    endpoint = inject(kind="endpoint", endpoint=EndpointConfig(model="m-1"))
+    assert store_config(replace(config, inject=endpoint))["inject"]["endpoint"]["model"] == "m-1"
+    vllm = store_config(replace(config, backend="vllm", vllm=VllmConfig(max_model_len=256)))
+    assert vllm["backend"] == "vllm" and vllm["vllm"]["max_model_len"] == 256
+    assert "gpu_memory_utilization" not in vllm["vllm"]
+    assert store_config(replace(config, weaken=None))["weaken"] is None
+    check_config(config)
+
+
+def parse_run(path: Path) -> BootstrapConfig:
+    parser = ArgumentParser()
+    parser.add_argument("--run", type=BootstrapConfig)
+    return parser.instantiate(parser.parse_path(str(path))).run
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path, monkeypatch):
+    run = parse_run(path)
+    assert set(yaml.safe_load(path.read_text())) == {"run"}
+    assert run.weaken.noise_steps == [900] and run.weaken.schedule == "sigmoid"
+    fake_vllm.install(monkeypatch)  # the vLLM config's backend check imports vllm
+    check_config(run)  # every setting valid
+    if "llava" in path.name:
+        assert (run.inject.kind, run.weaken.temperature) == ("self", 1.0)
+        assert (run.weaken.min_length_ratio, run.weaken.max_length_ratio) == (None, None)
+    else:
+        # [1/2, 2]: the two-sided bound this config's old top-level `max_length_ratio: 2.0` meant
+        assert (run.weaken.min_length_ratio, run.weaken.max_length_ratio) == (0.5, 2.0)
+        assert (run.inject.kind, run.inject.vocabulary) == ("lexical", "shapeworld")
+
+
+def test_null_sections_parse_as_no_method(tmp_path):
+    """`weaken: null` and `inject: null` in YAML turn the method off."""
+    path = CONFIGS / "shapeworld.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["run"]["inject"] = None
+    off = tmp_path / "weaken-only.yaml"
+    off.write_text(yaml.safe_dump(raw))
+    run = parse_run(off)
+    assert run.inject is None and run.weaken.noise_steps == [900]
+    raw["run"]["weaken"], raw["run"]["inject"] = None, {"kind": "lexical"}
+    off.write_text(yaml.safe_dump(raw))
+    run = parse_run(off)
+    assert run.weaken is None and run.inject == InjectConfig(kind="lexical")
