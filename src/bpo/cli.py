@@ -252,25 +252,15 @@ def refs(run: TrainConfig, recompute: bool = False) -> None:
     """
     from bpo.models.load import resolve_device
     from bpo.train.config import check_config
-    from bpo.train.fingerprint import model_identity
     from bpo.train.model import load_for_training
-    from bpo.train.refs import ensure_reference_logps
+    from bpo.train.refs import config_reference_logps
     from bpo.utils.console import console
 
     check_config(run)  # the settings `bpo train` will refuse, refused before the model loads
     if run.pairs is None or run.image_root is None:
         raise ValueError("bpo refs needs run.pairs (a pair store) and run.image_root")
     model, processor = load_for_training(run, resolve_device(run.model.device))
-    table = ensure_reference_logps(
-        model,
-        processor,
-        run.pairs,
-        run.image_root,
-        model_identity=model_identity(run.model.name_or_path, run.model.revision),
-        max_length=run.max_length,
-        batch_size=run.reference_batch_size,
-        recompute=recompute,
-    )
+    table = config_reference_logps(run, model, processor, recompute=recompute)
     for key, message in list(table.bad.items())[:20]:
         console.log(f"no reference for {key}: {message}")
     counts = {k: getattr(table, k) for k in ("reused", "computed", "stale", "truncated")}

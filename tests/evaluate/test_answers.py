@@ -126,3 +126,50 @@ def test_the_vllm_backend_answers_like_transformers(
     (engine,) = fake_vllm.FakeLLM.instances
     assert engine.kwargs["model"] == str(tiny_llava_folder)
     assert len(engine.calls) >= 2  # one call per benchmark chunk at least
+
+
+def test_one_question_asked_twice_is_generated_once(tiny_llava_folder, shapeworld_data, tmp_path):
+    """The popular and adversarial strategies draw the same positives (one seeded generator per
+    strategy, consumed the same way), so POPE asks some questions of an image twice. Greedy, they
+    are generated once and each question id gets that answer; sampled, each is its own request.
+    The answers equal those of a run that asks every question alone (batch size 1)."""
+    from bpo.evaluate.benchmarks import read_items
+    from bpo.generate import TransformersGenerator
+
+    config = tiny_config(tiny_llava_folder, shapeworld_data)
+    pope = dataclasses.replace(config.benchmarks[1], pope_strategies=["popular", "adversarial"])
+    config = dataclasses.replace(config, benchmarks=[pope])
+    items = read_items(pope)
+    unique = {(str(item.image), item.prompt) for item in items}
+    assert len(items) == 12 and len(unique) < len(items)  # 3 scenes x 2 strategies x (yes + no)
+    asked: list[int] = []
+    generate = TransformersGenerator.generate
+
+    def counting(self, requests, *args, **kwargs):
+        asked.append(len(requests))
+        return generate(self, requests, *args, **kwargs)
+
+    TransformersGenerator.generate = counting
+    try:
+        run_eval(config, tmp_path / "greedy", log=lambda _: None)
+        assert sum(asked) == len(unique)
+        asked.clear()
+        sampled = dataclasses.replace(
+            config, generation=dataclasses.replace(config.generation, do_sample=True)
+        )
+        run_eval(sampled, tmp_path / "sampled", log=lambda _: None)
+        assert sum(asked) == len(items)
+    finally:
+        TransformersGenerator.generate = generate
+    alone = dataclasses.replace(
+        config, generation=dataclasses.replace(config.generation, batch_size=1)
+    )
+    run_eval(alone, tmp_path / "alone", log=lambda _: None)
+
+    def answers(folder: Path) -> dict[str, str]:
+        lines = (folder / "pope" / "answers.jsonl").read_text().splitlines()
+        return {(r := json.loads(line))["question_id"]: r["answer"] for line in lines}
+
+    greedy = answers(tmp_path / "greedy")
+    assert sorted(greedy) == sorted(item.question_id for item in items)
+    assert greedy == answers(tmp_path / "alone")

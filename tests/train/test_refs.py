@@ -336,6 +336,24 @@ def test_model_identity_of_a_local_folder_and_a_hub_id(tiny_llava_folder):
         model_identity("nobody/not-a-cached-model-bpo")
 
 
+def test_a_model_loaded_and_saved_again_keeps_its_identity(tiny_llava_folder, tmp_path):
+    """Loading a freshly saved model and saving it again writes its dtype into the sub-configs
+    (None before), changes no weight, and must not change the identity: the demo's rerun of a
+    cached base would otherwise recompute every reference. A changed setting still does."""
+    import json
+
+    model, processor = load_model_and_processor(str(tiny_llava_folder), dtype="float32")
+    model.save_pretrained(tmp_path / "again")
+    processor.save_pretrained(tmp_path / "again")
+    before = json.loads((tiny_llava_folder / "config.json").read_text())
+    after = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert before["text_config"].get("dtype") != after["text_config"].get("dtype")
+    assert model_identity(str(tmp_path / "again")) == model_identity(str(tiny_llava_folder))
+    after["text_config"]["rms_norm_eps"] = 1e-3
+    (tmp_path / "again" / "config.json").write_text(json.dumps(after))
+    assert model_identity(str(tmp_path / "again")) != model_identity(str(tiny_llava_folder))
+
+
 def test_damaged_files_are_named_not_reused(reference, store, image_root, identity):
     table = ensure(reference, store, image_root, identity)
     lines = table.path.read_text().splitlines(keepends=True)

@@ -15,6 +15,7 @@ from bpo.data.conversation import (
     record_id,
     to_samples,
 )
+from bpo.data.files import BadLine, iter_json_lines
 from bpo.data.images import ImageError, check_image, resolve_image_path
 from bpo.data.records import BadRecord, Sample
 
@@ -43,23 +44,12 @@ def _json_list_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
-    # Binary lines decoded one by one: a stray invalid byte spoils one record, not the file.
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, RecordError("malformed_json", f"not valid UTF-8 ({exc})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield (
-                    number,
-                    RecordError("malformed_json", f"not valid JSON ({exc}); fix or drop the line"),
-                )
+    # Decoded line by line: a stray invalid byte spoils one record, not the file. Input data has
+    # no writer, so a bad line anywhere (the last one included) is a record reported as bad.
+    for number, value in iter_json_lines(path, appended=False):
+        if isinstance(value, BadLine):
+            value = RecordError("malformed_json", f"{value.message}; fix or drop the line")
+        yield number, value
 
 
 def _raw_records(path: Path) -> tuple[str, Iterator[tuple[int, Any]]]:

@@ -93,6 +93,9 @@ class DemoConfig:
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     training: ArmsConfig = field(default_factory=ArmsConfig)  # the SFT and BPO arms
     eval_batch_size: int = 100
+    # Evaluate each model in a second process while the next arm trains (two cores at work, one
+    # torch thread each); false evaluates in the main process, between the trainings.
+    eval_in_background: bool = True
     # Torch threads. On an idle 2-core machine 2 threads were ~1.25x faster per step
     # (benchmarks/threads.py), but on cores shared with other work OpenMP threads spin-wait on
     # ops this small and ran many times slower than 1; 1 is the safe default.

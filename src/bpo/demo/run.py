@@ -25,7 +25,7 @@ from bpo.demo.base import align_model, build_world, pretrained_model
 from bpo.demo.claim import check_base, claim
 from bpo.demo.config import DemoConfig
 from bpo.demo.report import write_report
-from bpo.demo.stages import bootstrap_pairs, evaluate_model, export_datasets, train_arm
+from bpo.demo.stages import Evaluations, bootstrap_pairs, export_datasets, train_arm
 from bpo.models.tiny import save_tiny_llava
 from bpo.train.data import select_pairs
 from bpo.utils.console import progress_bar
@@ -58,14 +58,17 @@ def run_world(cfg: DemoConfig, out: Path, log=print) -> dict:
     model = align_model(model, processor, cfg, world, log)
     base = save_tiny_llava(model, processor, out / "base", cfg.model)
     data = export_datasets(cfg, world, out)
-    with progress_bar("evaluation (base)", 1) as advance:
-        metrics = evaluate_model(cfg, base, data, out, "base")
-        advance(0)
-    log(f"base: CHAIR_i {metrics['chair_i']:.4f}, recall {metrics['recall']:.4f}")
-    pairs, negatives = bootstrap_pairs(cfg, (model, processor), base, data, out)
-    log(f"pairs: {pairs} (view: bpo view {pairs} --image_root {data.align})")
-    arms = {"base": {**metrics, "per_seed": [metrics]}}
-    arms.update(train_arms(cfg, base, pairs, data, out, log))
+    with Evaluations(cfg, data, out) as evaluations:
+        base_eval = evaluations.submit(base, "base")
+        pairs, negatives = bootstrap_pairs(cfg, (model, processor), base, data, out)
+        log(f"pairs: {pairs} (view: bpo view {pairs} --image_root {data.align})")
+        trained = train_arms(cfg, base, pairs, data, out, evaluations, log)
+        with progress_bar("evaluation", 1 + sum(len(runs) for runs in trained.values())) as done:
+            metrics = base_eval.result()
+            done(0)
+            log(f"base: CHAIR_i {metrics['chair_i']:.4f}, recall {metrics['recall']:.4f}")
+            arms = {"base": {**metrics, "per_seed": [metrics]}}
+            arms.update(gather_arms(trained, log, done))
     results = {
         "arms": arms,
         "seeds": list(cfg.training.seeds),
@@ -76,22 +79,27 @@ def run_world(cfg: DemoConfig, out: Path, log=print) -> dict:
         "versions": versions(),
         "wall_s": round(time.time() - started, 1),
     }
+    return write_results(out, results, log)
+
+
+def write_results(out: Path, results: dict, log) -> dict:
+    """OUT/results.json and the report; the results."""
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     html, markdown = write_report(out, results)
     log(f"report: {html} (markdown: {markdown})")
     return results
 
 
-def train_arms(cfg: DemoConfig, base: Path, pairs: Path, data, out: Path, log) -> dict:
-    """Train and evaluate every arm for every seed; {arm: mean metrics + std + per_seed}."""
+def train_arms(cfg: DemoConfig, base: Path, pairs: Path, data, out: Path, evaluations, log):
+    """Train every arm for every seed, each handed to `evaluations` once trained;
+    {arm: [(seed, its evaluation's future)]}."""
     training = cfg.training
-    results = {}
+    trained: dict[str, list] = {}
     for arm in arms_of(training):
         if not select_pairs(read_pairs(pairs), arm.sources, arm.noise_steps):
             # e.g. a sweep step whose every negative the length filter dropped: say so, go on.
             log(f"{arm.name}: no pairs to train on (see {pairs / 'manifest.json'}); arm skipped")
             continue
-        per_seed = []
         for seed in arm_seeds(arm, training):
             t0 = time.time()
             with progress_bar(f"training {arm.name} (seed {seed})", training.steps) as advance:
@@ -105,16 +113,27 @@ def train_arms(cfg: DemoConfig, base: Path, pairs: Path, data, out: Path, log) -
                     out,
                     on_step=lambda step, m: advance(step, m["loss"], m.get("rewards/accuracies")),
                 )
-            with progress_bar(f"evaluation ({arm.name}, seed {seed})", 1) as advance:
-                metrics = evaluate_model(cfg, model, data, out, f"{arm.name}-s{seed}")
-                advance(0)
+            log(f"{arm.name} seed {seed}: trained {training.steps} steps ({time.time() - t0:.0f}s)")
+            trained.setdefault(arm.name, []).append(
+                (seed, evaluations.submit(model, f"{arm.name}-s{seed}"))
+            )
+    return trained
+
+
+def gather_arms(trained: dict[str, list], log, done) -> dict:
+    """{arm: mean metrics + std + per_seed} once every arm's evaluations are in."""
+    results = {}
+    for arm, runs in trained.items():
+        per_seed = []
+        for seed, evaluation in runs:
+            metrics = evaluation.result()
+            done(0)
             log(
-                f"{arm.name} seed {seed}: {training.steps} steps ({time.time() - t0:.0f}s), "
-                f"CHAIR_i {metrics['chair_i']:.4f}, recall {metrics['recall']:.4f}"
+                f"{arm} seed {seed}: CHAIR_i {metrics['chair_i']:.4f}, "
+                f"recall {metrics['recall']:.4f}"
             )
             per_seed.append({"seed": seed, **metrics})
-        if per_seed:
-            results[arm.name] = summarize(per_seed)
+        results[arm] = summarize(per_seed)
     return results
 
 
@@ -156,7 +175,4 @@ def run_full(cfg: DemoConfig, out: Path, log=print) -> dict:
         "versions": versions(),
         "wall_s": round(time.time() - started, 1),
     }
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    html, markdown = write_report(out, results)
-    log(f"report: {html} (markdown: {markdown})")
-    return results
+    return write_results(out, results, log)

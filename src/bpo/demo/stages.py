@@ -15,9 +15,11 @@ ones those commands produce.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -214,10 +216,59 @@ def metrics_of(results: dict) -> dict[str, float]:
     return metrics
 
 
-def evaluate_model(cfg: DemoConfig, model: Path, data: Datasets, out: Path, name: str) -> dict:
+def evaluate_model(
+    cfg: DemoConfig, model: Path, data: Datasets, out: Path, name: str, progress: bool = True
+) -> dict:
     """`bpo eval` of one model into OUT/eval/{name} (made anew); its flat metrics."""
     folder = out / "eval" / name
     shutil.rmtree(folder, ignore_errors=True)  # answers of an earlier model at the same path
     config = eval_config(cfg, model, data, name)
     write_config(out / "configs" / f"eval-{name}.yaml", config, out=str(folder))
-    return metrics_of(run_eval(config, folder, log=lambda _msg: None))
+    return metrics_of(run_eval(config, folder, log=lambda _msg: None, progress=progress))
+
+
+def _start_worker(threads: int) -> None:
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _evaluate_quietly(cfg: DemoConfig, model: Path, data: Datasets, out: Path, name: str) -> dict:
+    return evaluate_model(cfg, model, data, out, name, progress=False)
+
+
+class Evaluations:
+    """`bpo eval` of each model, in a second process when `cfg.eval_in_background` is on.
+
+    Evaluating takes longer than training an arm, and the demo's torch runs on one thread, so on
+    two cores the evaluations run beside the training of the next arms. The worker has the same
+    thread count as the main process, so its numbers are those an evaluation there would give.
+    `submit` returns a future; with the option off, one already done.
+    """
+
+    def __init__(self, cfg: DemoConfig, data: Datasets, out: Path):
+        self.cfg, self.data, self.out = cfg, data, out
+        self.pool = None
+        if cfg.eval_in_background:
+            self.pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(max(1, cfg.threads),),
+            )
+
+    def submit(self, model: Path, name: str) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(_evaluate_quietly, self.cfg, model, self.data, self.out, name)
+        done: Future = Future()
+        done.set_result(evaluate_model(self.cfg, model, self.data, self.out, name))
+        return done
+
+    def __enter__(self) -> Evaluations:
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)

@@ -142,8 +142,12 @@ def ensure_answers(
     folder: Path,
     model: ModelHolder,
     log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> dict[str, str]:
-    """{question_id: answer} for every item: stored ones reused, the missing ones generated."""
+    """{question_id: answer} for every item: stored ones reused, the missing ones generated.
+
+    progress: show a progress bar while answers are generated.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     path, meta_path = folder / "answers.jsonl", folder / "answers.meta.json"
     meta = _generation_meta(config, bench)
@@ -182,7 +186,7 @@ def ensure_answers(
     # Written a chunk at a time, so an interrupted run loses at most one chunk.
     chunk = max(1, config.generation.batch_size) * 8
     groups = _same_questions(config, bench, missing)
-    with progress_bar(f"answers ({bench.key})", len(groups)) as advance:
+    with progress_bar(f"answers ({bench.key})", len(groups), enabled=progress) as advance:
         for start in range(0, len(groups), chunk):
             part = groups[start : start + chunk]
             asked = [group[0] for group in part]

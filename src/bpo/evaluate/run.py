@@ -73,8 +73,16 @@ def _json_lines(records: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
-def run_eval(config: EvalConfig, out: str | Path, log: Callable[[str], None] = print) -> dict:
-    """Run every benchmark of `config` into `out`; returns what results.json holds."""
+def run_eval(
+    config: EvalConfig,
+    out: str | Path,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict:
+    """Run every benchmark of `config` into `out`; returns what results.json holds.
+
+    progress: show a progress bar while answers are generated.
+    """
     started = time.time()
     check_config(config)
     out = Path(out)
@@ -90,7 +98,7 @@ def run_eval(config: EvalConfig, out: str | Path, log: Callable[[str], None] = p
         for bench in config.benchmarks:
             folder = out / bench.key
             items = read_items(bench)
-            answers = ensure_answers(config, bench, items, folder, model, log)
+            answers = ensure_answers(config, bench, items, folder, model, log, progress)
             metrics, records = benchmark(bench).score(bench, items, answers, client)
             write_atomic(folder / "judgments.jsonl", _json_lines(records))
             results[bench.key] = metrics

@@ -368,6 +368,23 @@ def ensure_reference_logps(
 # --- the pairs of a run ---------------------------------------------------------------------
 
 
+def config_reference_logps(
+    config: TrainConfig, model: nn.Module, processor: Any, recompute: bool = False
+) -> RefsTable:
+    """`ensure_reference_logps` for a training config's store, model and tokenization: what
+    `bpo train` reads and `bpo refs` writes."""
+    return ensure_reference_logps(
+        model,
+        processor,
+        config.pairs,
+        config.image_root,
+        model_identity=model_identity(config.model.name_or_path, config.model.revision),
+        max_length=config.max_length,
+        batch_size=config.reference_batch_size,
+        recompute=recompute,
+    )
+
+
 def _store_pairs_with_refs(
     config: TrainConfig, model: nn.Module, processor: Any, accelerator: Any, log: Callable
 ) -> tuple[list[PreferencePair], list[BadPair]]:
@@ -382,15 +399,7 @@ def _store_pairs_with_refs(
         raise ValueError("run.image_root is needed to score the pairs' images")
     fingerprint, pairs, bad = [None], [], []
     if accelerator.is_main_process:
-        table = ensure_reference_logps(
-            model,
-            processor,
-            config.pairs,
-            config.image_root,
-            model_identity=model_identity(config.model.name_or_path, config.model.revision),
-            max_length=config.max_length,
-            batch_size=config.reference_batch_size,
-        )
+        table = config_reference_logps(config, model, processor)
         log(
             f"reference log-probs: {table.reused} reused, {table.computed} computed "
             f"({table.stale} stale) in {table.path}"
