@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx2
 
-from bpo.data.files import append_json_lines, read_json_lines
+from bpo.data.files import append_json_lines, read_json_lines, truncate_partial_line
 
 Messages = list[dict[str, str]]
 # Statuses worth retrying: rate limits, timeouts and server-side failures. Any other error
@@ -89,6 +89,7 @@ class ReplyCache:
         self._entries: dict[str, str] = {}
         self.path = None if directory is None else Path(directory) / name
         if self.path is not None and self.path.is_file():
+            truncate_partial_line(self.path)  # a reply cut short by a kill: asked again
             fix = "delete the line or the file (those replies are asked again)"
             for number, entry in read_json_lines(
                 self.path, appended=True, fix=fix, error=EndpointError
@@ -224,7 +225,9 @@ class ChatClient:
                 f"endpoint {self._url} answered 200 but not in the chat completions format "
                 f"({type(exc).__name__}): {self._redact(response.text[:300])}"
             ) from exc
-        return content or ""
+        # A server that echoes the request (its headers included) must not put the key in a
+        # cache, a judgments file or a pair store.
+        return self._redact(content or "")
 
     def ask(self, messages: Messages, parse: Callable[[str], Any]) -> Reply:
         """Ask (or reuse the cached reply), parse; re-ask warmer while the reply does not parse.

@@ -172,3 +172,23 @@ def test_null_sections_parse_as_no_method(tmp_path):
     off.write_text(yaml.safe_dump(raw))
     run = parse_run(off)
     assert run.weaken is None and run.inject == InjectConfig(kind="lexical")
+
+
+def test_an_endpoint_rewriter_without_its_key_and_unknown_choices_stop_before_any_model(
+    tmp_path, monkeypatch
+):
+    """The endpoint's key is read from the environment at the config check (the model folder
+    does not exist, so any later failure would name it instead); a typo in a choice field set
+    from Python (where no parser checks the Literal) is named with the choices."""
+    from bpo.endpoint import EndpointError
+
+    monkeypatch.delenv("BPO_TEST_REWRITER_KEY", raising=False)
+    endpoint = EndpointConfig(api_key_env="BPO_TEST_REWRITER_KEY")
+    config = config_in(tmp_path, inject=inject(kind="endpoint", endpoint=endpoint))
+    with pytest.raises(EndpointError, match=r"BPO_TEST_REWRITER_KEY is not set.*inject\.endpoint"):
+        check_config(config)
+    monkeypatch.setenv("BPO_TEST_REWRITER_KEY", "sk-test")
+    check_config(config)
+    with pytest.raises(ValueError, match=r"inject\.kind 'lexcal' is unknown; use one of lexical"):
+        check_config(config_in(tmp_path, inject=inject(kind="lexcal")))
+    assert not (tmp_path / "out").exists()

@@ -476,3 +476,52 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_llava_f
     assert manifest["complete"] is True
     for part in ("counts", "bad_records", "stats"):
         assert manifest[part] == expected[part]
+
+
+def test_a_weakened_answer_that_is_the_gold_or_says_nothing_is_a_counted_reject(
+    tmp_path, tiny_llava_folder, loaded, monkeypatch
+):
+    """Scripted answers from the noised image: the gold itself up to case and punctuation
+    (`A Red Circle!` for `a red circle .`), only punctuation, and a real negative. The first two
+    teach DPO nothing (chosen and rejected score alike), so they are rejects, counted under
+    their reasons with the pair key as id; only the third becomes a pair."""
+    image = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(image)
+    script = [
+        ("Describe the image.", "a red circle .", "A Red Circle!"),
+        ("What is in the image?", "a blue square .", " . "),
+        ("Is there a circle in the image?", "a dog and a cat .", "a red circle ."),
+    ]
+    rows = [
+        {
+            "id": f"r{i}",
+            "image": "img.png",
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"},
+                {"from": "gpt", "value": gold},
+            ],
+        }
+        for i, (question, gold, _) in enumerate(script)
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    config = config_for(
+        tiny_llava_folder, data, tmp_path / "out", weaken=WeakenConfig(max_new_tokens=16)
+    )
+    config = replace(config, backend="vllm", inject=None)
+    fake_vllm.install(monkeypatch)
+    engine = ScriptedEngine(loaded[1].tokenizer, {q: a for q, _, a in script}, REWRITE)
+    manifest = run_bootstrap(
+        config, model_and_processor=loaded, progress=False, engine_factory=lambda *_: engine
+    )
+    assert [(p.id, p.rejected) for p in read_pairs(config.out)] == [("r2", "a red circle .")]
+    assert manifest["counts"]["other"] == {
+        "rejected_weaken_empty": 1,
+        "rejected_weaken_identical": 1,
+    }
+    bad = {b.id: b for b in read_bad_records(config.out)}
+    assert bad["r0:weaken:0"].reason == "rejected_weaken_identical"
+    assert bad["r0:weaken:0"].message.endswith(
+        "the answer from the noised image is the gold answer"
+    )
+    assert bad["r1:weaken:0"].reason == "rejected_weaken_empty"

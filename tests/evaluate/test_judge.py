@@ -237,6 +237,33 @@ def test_a_cached_judgment_is_reused_by_a_new_client(judge_server, tmp_path):
     assert reply_key("judge-model", messages) != reply_key("other", messages)
 
 
+def test_the_cache_survives_a_kill_mid_write(judge_server, tmp_path):
+    """A run killed while appending leaves half a line; the next run asks that one again and
+    appends after the repaired file, and the run after that reads every reply back."""
+    judge_server.reply = lambda body: (200, "0.7", {})
+    first, second = mmvet_messages("Q", "A", "B"), mmvet_messages("Q", "A", "C")
+    with ChatClient(config(judge_server), cache_dir=tmp_path) as client:
+        client.ask(first, parse_mmvet_grade)
+    cache = tmp_path / "replies.jsonl"
+    with cache.open("a") as f:
+        f.write('{"key": "cut sh')  # killed mid-line
+    with ChatClient(config(judge_server), cache_dir=tmp_path) as client:
+        assert client.ask(first, parse_mmvet_grade).cached
+        assert not client.ask(second, parse_mmvet_grade).cached
+    with ChatClient(config(judge_server), cache_dir=tmp_path) as client:
+        assert len(client.cache) == 2
+        assert client.ask(second, parse_mmvet_grade).cached
+    assert len(judge_server.seen) == 2
+
+
+def test_a_reply_that_echoes_the_key_is_redacted_before_it_is_kept(judge_server, tmp_path):
+    judge_server.reply = lambda body: (200, f"0.5 (you sent {KEY})", {})
+    with ChatClient(config(judge_server), cache_dir=tmp_path) as client:
+        reply = client.ask(mmvet_messages("Q", "A", "B"), parse_mmvet_grade)
+    assert reply.value == 0.5 and KEY not in reply.raw and "***" in reply.raw
+    assert KEY not in (tmp_path / "replies.jsonl").read_text()
+
+
 def test_unparsable_replies_are_not_cached(judge_server, tmp_path):
     judge_server.reply = lambda body: (200, "no idea", {})
     messages = mmvet_messages("Q", "A", "B")

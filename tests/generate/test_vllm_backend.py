@@ -177,6 +177,7 @@ def test_engine_options_come_from_the_config(vllm_module, tiny_llava_folder):
         "enforce_eager": False,
         "limit_mm_per_prompt": {"image": 1},
         "enable_mm_embeds": True,
+        "load_format": "safetensors",  # never pickled weights
         "max_model_len": 2048,
     }
     config = ModelConfig("llava-hf/llava-1.5-7b-hf", dtype="bf16")

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from bpo.bootstrap.noise import NUM_STEPS, SCHEDULES
-from bpo.endpoint import EndpointConfig
+from bpo.endpoint import EndpointConfig, read_api_key
 from bpo.generate.config import Backend, VllmConfig, check_backend
 from bpo.models.load import ModelConfig
 
@@ -121,7 +121,21 @@ def check_weaken(config: WeakenConfig) -> None:
 
 
 def check_inject(config: InjectConfig) -> None:
-    """Raise ValueError naming the `inject.` setting that cannot run."""
+    """Raise ValueError naming the `inject.` setting that cannot run (and EndpointError for an
+    endpoint whose key is not in the environment: before a model loads, not minutes after)."""
+    choices = {
+        "kind": ("lexical", "self", "local", "endpoint"),
+        "mode": ("description", "qa"),
+        "vocabulary": ("coco", "shapeworld"),
+    }
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(
+                f"inject.{name} {getattr(config, name)!r} is unknown; use one of "
+                f"{', '.join(allowed)}"
+            )
+    if config.kind == "endpoint":
+        read_api_key(config.endpoint, "inject.endpoint")
     if config.kind == "local" and not config.model:
         raise ValueError("inject.kind 'local' needs inject.model (a causal LM folder or name)")
     unknown = sorted(set(config.edit_types) - set(EDIT_TYPES))

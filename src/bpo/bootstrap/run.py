@@ -53,14 +53,18 @@ from bpo.data import (
     resolve_image_path,
 )
 from bpo.generate import Generator, TransformersGenerator, VllmGenerator
-from bpo.generate.sampling import eos_ids
-from bpo.generate.vllm_backend import EngineFactory, make_engine
-from bpo.models.load import load_from_config, load_processor
+from bpo.generate.vllm_backend import EngineFactory
+from bpo.models.load import load_from_config
 from bpo.models.prompts import tokenize_prompt_and_answer
 from bpo.models.vision import load_image_encoder
 from bpo.utils.console import progress_bar
 
 Work = tuple[str, int]  # (source, sample index): one pair still to make for a sample
+# What a rejected candidate's reason means, by source (a rewrite's reasons are its validation's).
+REJECT_DETAILS = {
+    ("weaken", "empty"): "the answer from the noised image says nothing",
+    ("weaken", "identical"): "the answer from the noised image is the gold answer",
+}
 
 
 @dataclass
@@ -106,7 +110,7 @@ def _reject_record(candidate: _Candidate, reason: str, detail: str) -> BadRecord
 def _work(sample: Sample, config: BootstrapConfig) -> list[Work]:
     """Every pair the sample should give: its weakened samples (if it has an image), its rewrite."""
     work: list[Work] = []
-    if config.weaken is not None and (sample.image is not None or sample.pil_image is not None):
+    if config.weaken is not None and sample.image is not None:
         work += [("weaken", k) for k in range(len(weaken_steps(config.weaken)))]
     if config.inject is not None:
         work.append(("inject", 0))
@@ -143,9 +147,7 @@ def _load_images(items: list[_Item], image_root: Path, report: Callable) -> list
     kept, cache = [], {}
     for item in items:
         sample = item.sample
-        if sample.pil_image is not None:
-            item.image = sample.pil_image
-        elif sample.image is not None:
+        if sample.image is not None:
             if sample.image not in cache:
                 try:
                     cache[sample.image] = load_image(resolve_image_path(image_root, sample.image))
@@ -241,7 +243,7 @@ class _Bootstrapper:
         ]
 
     def _answer_tokens(self, sample: Sample, answer: str) -> int:
-        has_image = sample.image is not None or sample.pil_image is not None
+        has_image = sample.image is not None
         return len(
             tokenize_prompt_and_answer(self.processor, sample.messages, answer, has_image)[1]
         )
@@ -268,8 +270,10 @@ class _Bootstrapper:
             sample = c.item.sample
             if (c.source, c.sample_index) not in c.item.pending:
                 continue  # written before a kill; the rest of the sample's pairs still go out
-            if c.text is None:
-                yield _reject_record(c, c.reason or "empty", "the rewrite failed validation")
+            if c.text is None or c.reason is not None:
+                reason = c.reason or "empty"
+                detail = REJECT_DETAILS.get((c.source, reason), "the rewrite failed validation")
+                yield _reject_record(c, reason, detail)
                 continue
             if c.item.index not in chosen_tokens:
                 chosen_tokens[c.item.index] = self._answer_tokens(sample, sample.answer)
@@ -305,17 +309,14 @@ def _backend(
     if config.backend == "transformers":
         model, processor = model_and_processor or load_from_config(config.model)
         return TransformersGenerator(model, processor, config.batch_size), None, model
-    m = config.model
     if model_and_processor is not None:
         encoder, processor = model_and_processor
     elif config.weaken is not None:
-        encoder, processor = load_image_encoder(m)
+        encoder, processor = load_image_encoder(config.model)
     else:
-        encoder, processor = None, load_processor(m.name_or_path, m.trust_remote_code, m.revision)
-    # The engine last: it takes its share of whatever GPU memory the encoder left.
-    engine = (engine_factory or make_engine)(m, config.vllm)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    return VllmGenerator(engine, processor, eos_ids(encoder, tokenizer)), encoder, encoder
+        encoder, processor = None, None  # "self" rewrites in the engine: no encoder needed
+    generator = VllmGenerator.from_config(config.model, config.vllm, engine_factory, processor)
+    return generator, encoder, encoder
 
 
 def _count_shard_samples(config: BootstrapConfig) -> int:

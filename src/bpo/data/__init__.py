@@ -1,4 +1,6 @@
-"""The data layer: readers for SFT data, the pair schema, and the sharded resumable pair store."""
+"""The data layer: readers for SFT data, the pair schema, the sharded resumable pair store, the
+shared file handling (`files`: JSON Lines, atomic writes, locks) and the object vocabularies
+(`vocab`)."""
 
 from bpo.data.hf import read_hf_dataset
 from bpo.data.images import (

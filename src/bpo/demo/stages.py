@@ -37,7 +37,7 @@ from bpo.evaluate.run import run_eval
 from bpo.evaluate.shapeworld import hallucination_metrics
 from bpo.generate import GenerateConfig
 from bpo.models.load import ModelConfig
-from bpo.shapeworld.export import read_scenes, write_llava_dataset, write_scenes
+from bpo.shapeworld.export import read_scenes, record_id, write_llava_dataset, write_scenes
 from bpo.shapeworld.world import CAPTION_PROMPTS
 from bpo.train.run import train
 
@@ -120,7 +120,7 @@ def negative_stats(store: Path, align: Path, weaken: WeakenConfig) -> dict[str, 
     """How wrong the negatives are, per source and noise step, against the exact scenes:
     `with_hallucination` is the share naming a shape absent from the scene; rejects per reason
     (the store's, by pair key) beside them."""
-    scenes = {f"sw_{i:06d}": scene for i, scene in enumerate(read_scenes(align / "scenes.jsonl"))}
+    scenes = {record_id(i): scene for i, scene in enumerate(read_scenes(align / "scenes.jsonl"))}
     steps = weaken_steps(weaken)
 
     def group(source: str, sample_index: int) -> str:

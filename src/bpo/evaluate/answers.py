@@ -20,7 +20,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bpo.data.files import append_json_lines, read_json_lines, truncate_partial_line
+from bpo.data.files import (
+    append_json_lines,
+    read_json_lines,
+    truncate_partial_line,
+    write_atomic,
+)
 from bpo.evaluate.benchmarks import BenchmarkConfig, benchmark, prompt_suffix, question_text
 from bpo.evaluate.config import EvalConfig
 from bpo.evaluate.datasets import EvalItem, load_item_image
@@ -43,13 +48,11 @@ def _read_answers(path: Path, appended: bool) -> dict[str, str]:
     """
     answers: dict[str, str] = {}
     for number, record in read_json_lines(path, appended=appended, fix=ANSWER_RECORD):
-        try:
-            answers[str(record["question_id"])] = str(record.get("answer", record.get("text")))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(
-                f"{path} line {number}: not an answer record ({type(exc).__name__}: {exc}); "
-                f"{ANSWER_RECORD}"
-            ) from None
+        answer = record.get("answer", record.get("text")) if isinstance(record, dict) else None
+        if answer is None or "question_id" not in record:
+            # Scored as the text "None", a missing answer would be a silent wrong number.
+            raise ValueError(f"{path} line {number}: not an answer record; {ANSWER_RECORD}")
+        answers[str(record["question_id"])] = str(answer)
     return answers
 
 
@@ -135,6 +138,19 @@ def _requests(config: EvalConfig, bench: BenchmarkConfig, items: Sequence[EvalIt
     ]
 
 
+def _stored_meta(path: Path) -> dict[str, Any] | None:
+    """What generated the stored answers (None when the file is missing)."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AnswersMismatchError(
+            f"{path} is not valid JSON ({exc}); delete it and the answers.jsonl beside it to "
+            "answer again"
+        ) from None
+
+
 def ensure_answers(
     config: EvalConfig,
     bench: BenchmarkConfig,
@@ -152,7 +168,7 @@ def ensure_answers(
     path, meta_path = folder / "answers.jsonl", folder / "answers.meta.json"
     meta = _generation_meta(config, bench)
     if path.exists():
-        stored_meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        stored_meta = _stored_meta(meta_path)
         if stored_meta != meta:
             raise AnswersMismatchError(
                 f"{path} holds answers made with other settings ({meta_path}: {stored_meta}) than "
@@ -161,8 +177,9 @@ def ensure_answers(
         # A crash mid-write leaves half a line: drop it, that answer is generated again.
         truncate_partial_line(path)
     else:
+        # The settings first, whole: a kill between the two files leaves no answers without them.
+        write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
         path.touch()
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     answers = _read_answers(path, appended=True)
     missing = [item for item in items if item.question_id not in answers]
     if not missing:

@@ -56,6 +56,8 @@ def engine_kwargs(model: ModelConfig, config: VllmConfig) -> dict[str, Any]:
         "limit_mm_per_prompt": {"image": 1},
         # Weakened negatives arrive as image embeddings, which vLLM accepts only when asked to.
         "enable_mm_embeds": True,
+        # vLLM's "auto" falls back to pickled .bin weights; bpo loads safetensors only.
+        "load_format": "safetensors",
     }
     if config.max_model_len is not None:
         kwargs["max_model_len"] = config.max_model_len
@@ -103,10 +105,17 @@ class VllmGenerator:
 
     @classmethod
     def from_config(
-        cls, model: ModelConfig, config: VllmConfig, engine_factory: EngineFactory | None = None
+        cls,
+        model: ModelConfig,
+        config: VllmConfig,
+        engine_factory: EngineFactory | None = None,
+        processor: Any = None,
     ) -> VllmGenerator:
-        """The generator of `model`: its processor and end-of-sequence ids, then the engine."""
-        processor = load_processor(model.name_or_path, model.trust_remote_code, model.revision)
+        """The generator of `model`: its processor (unless given) and end-of-sequence ids (the
+        model's generation config's), then the engine, last: it takes its share of whatever GPU
+        memory is left."""
+        if processor is None:
+            processor = load_processor(model.name_or_path, model.trust_remote_code, model.revision)
         eos = eos_ids(_generation_config(model), getattr(processor, "tokenizer", processor))
         return cls((engine_factory or make_engine)(model, config), processor, eos)
 

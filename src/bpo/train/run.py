@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from bpo.data.files import write_atomic
 from bpo.data.records import PreferencePair
 from bpo.train import checkpoint, distributed
 from bpo.train.batch import PairBatch, pad_token_id
@@ -279,7 +280,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             # Lines a killed run logged after this checkpoint are logged again by the resume.
             log_path = self.out / "metrics.jsonl"
-            log_path.write_text("".join(json.dumps(line) + "\n" for line in self.history))
+            write_atomic(log_path, "".join(json.dumps(line) + "\n" for line in self.history))
         self.log(f"resumed from {path} at step {self.step}")
 
 
@@ -392,6 +393,6 @@ def train(
         final.save_pretrained(out / "model", safe_serialization=True, state_dict=state_dict)
         processor.save_pretrained(out / "model")
         summary["model"] = str(out / "model")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     accelerator.end_training()
     return TrainResult(final, trainer.history, summary)
