@@ -136,3 +136,15 @@ def test_every_shipped_config_parses_through_the_cli(verb, path, capsys):
             assert full == part, f"{path.name}: {where.rstrip('.')}"
 
     contains(printed, written)
+
+
+def test_the_shapeworld_train_config_reads_what_the_demo_writes():
+    """configs/train/shapeworld.yaml trains on the default demo's output: its base model, its
+    pair store, and the alignment scenes the pairs' image paths are relative to."""
+    from bpo.demo.stages import datasets_in
+
+    out = Path(yaml.safe_load((CONFIGS / "shapeworld-demo.yaml").read_text())["out"])
+    run = parse_stage(CONFIGS / "train" / "shapeworld.yaml", "train", TrainConfig)
+    assert Path(run.model.name_or_path) == out / "base"
+    assert Path(run.pairs) == out / "pairs"
+    assert Path(run.image_root) == datasets_in(out).align

@@ -66,9 +66,14 @@ def model_config(path: Path) -> ModelConfig:
     return ModelConfig(str(path), dtype="float32", device="cpu", attn_implementation="eager")
 
 
+def datasets_in(out: Path) -> Datasets:
+    """Where a demo writing to `out` puts its datasets."""
+    return Datasets(out / "data" / "align", out / "data" / "held-out", out / "data" / "corpus")
+
+
 def export_datasets(cfg: DemoConfig, world: Any, out: Path) -> Datasets:
     """The alignment scenes to bootstrap from and the held-out scenes, as `bpo shapeworld` data."""
-    data = Datasets(out / "data" / "align", out / "data" / "held-out", out / "data" / "corpus")
+    data = datasets_in(out)
     align = world.align_scenes[: cfg.negatives.scenes]
     prompt = CAPTION_PROMPTS[0]
     write_llava_dataset(align, cfg.world, data.align, cfg.seed, with_questions=False, prompt=prompt)
