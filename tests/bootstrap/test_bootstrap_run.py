@@ -371,6 +371,25 @@ class ScriptedEngine:
         return outputs
 
 
+def scripted_data(tmp_path, script):
+    """A LLaVA data file whose record r{i} asks script[i]'s question of one red image."""
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "img.png")
+    rows = [
+        {
+            "id": f"r{i}",
+            "image": "img.png",
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"},
+                {"from": "gpt", "value": gold},
+            ],
+        }
+        for i, (question, gold, _) in enumerate(script)
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    return data
+
+
 # (question, gold, weakened answer); every word is one token of the tiny tokenizer, plus </s>.
 SCRIPT = [
     ("Describe the image.", "a red circle .", "a red circle and a blue square ."),  # 9 / 5 = 1.8
@@ -395,21 +414,7 @@ def test_the_length_filter_bounds_weakened_negatives_alone_by_hand(
     times their golds, outside every bound, and all four are kept: the filter is for weakened
     negatives only. Generation is scripted (the vLLM route with a stand-in engine), so the
     answers, and the token counts, are the ones written here."""
-    image = tmp_path / "img.png"
-    Image.new("RGB", (32, 32), (255, 0, 0)).save(image)
-    rows = [
-        {
-            "id": f"r{i}",
-            "image": "img.png",
-            "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"},
-                {"from": "gpt", "value": gold},
-            ],
-        }
-        for i, (question, gold, _) in enumerate(SCRIPT)
-    ]
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(rows))
+    data = scripted_data(tmp_path, SCRIPT)
     weaken = WeakenConfig(max_new_tokens=16, min_length_ratio=low, max_length_ratio=high)
     inject = InjectConfig(kind="self", max_new_tokens=16, temperature=0.0, max_ratio=20)
     config = config_for(tiny_llava_folder, data, tmp_path / "out", weaken=weaken, inject=inject)
@@ -485,26 +490,12 @@ def test_a_weakened_answer_that_is_the_gold_or_says_nothing_is_a_counted_reject(
     (`A Red Circle!` for `a red circle .`), only punctuation, and a real negative. The first two
     teach DPO nothing (chosen and rejected score alike), so they are rejects, counted under
     their reasons with the pair key as id; only the third becomes a pair."""
-    image = tmp_path / "img.png"
-    Image.new("RGB", (32, 32), (255, 0, 0)).save(image)
     script = [
         ("Describe the image.", "a red circle .", "A Red Circle!"),
         ("What is in the image?", "a blue square .", " . "),
         ("Is there a circle in the image?", "a dog and a cat .", "a red circle ."),
     ]
-    rows = [
-        {
-            "id": f"r{i}",
-            "image": "img.png",
-            "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"},
-                {"from": "gpt", "value": gold},
-            ],
-        }
-        for i, (question, gold, _) in enumerate(script)
-    ]
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(rows))
+    data = scripted_data(tmp_path, script)
     config = config_for(
         tiny_llava_folder, data, tmp_path / "out", weaken=WeakenConfig(max_new_tokens=16)
     )

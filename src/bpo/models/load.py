@@ -131,24 +131,27 @@ def load_model_and_processor(
     dtype: "auto", a name ("bf16", "fp16", "fp32", ...) or a torch.dtype; see `resolve_dtype`.
     attn_implementation: "eager", "sdpa", "flash_attention_2", or None for transformers' default.
     """
-    _check_source(name_or_path)
-    device = resolve_device(device)
-    kwargs = {}
+    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(
+    model = _load_weights(AutoModelForImageTextToText, name_or_path, dtype, device, **kwargs)
+    processor = load_processor(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    return model, processor
+
+
+def _load_weights(auto_class: Any, name_or_path: str, dtype: Any, device: Any, **kwargs: Any):
+    """`auto_class.from_pretrained` from safetensors only, in eval mode, on `device`."""
+    _check_source(name_or_path)
+    device = resolve_device(device)
+    model = auto_class.from_pretrained(
         name_or_path,
         dtype=resolve_dtype(dtype, device),
         # Loads straight onto the device: a 7B model never sits in CPU memory in full.
         device_map=device,
         use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        revision=revision,
         **kwargs,
     )
-    model.eval()
-    processor = load_processor(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
-    return model, processor
+    return model.eval()
 
 
 def load_causal_lm(
@@ -161,16 +164,8 @@ def load_causal_lm(
     remote code (a rewriter is never trusted to run its own code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_source(name_or_path)
-    device = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path,
-        dtype=resolve_dtype(dtype, device),
-        device_map=device,
-        use_safetensors=True,
-        revision=revision,
-    )
-    return model.eval(), AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    model = _load_weights(AutoModelForCausalLM, name_or_path, dtype, device, revision=revision)
+    return model, AutoTokenizer.from_pretrained(name_or_path, revision=revision)
 
 
 def count_image_tokens(processor: ProcessorMixin, image: Image.Image | None = None) -> int:
