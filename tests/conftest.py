@@ -1,4 +1,5 @@
-"""Fixtures shared across test folders: one tiny LLaVA saved once per test run."""
+"""Fixtures shared across test folders: one tiny LLaVA, and every family's tiny model, saved once
+per test run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bpo.models.tiny import TinyLlavaConfig, build_tiny_llava, save_tiny_llava
+from family_helpers import TinyFamilyFolders
 
 # Words the tiny tokenizer learns: the prompts and answers the evaluation tests use.
 TINY_TEXTS = [
@@ -23,6 +25,12 @@ def tiny_llava_folder(tmp_path_factory) -> Path:
     config = TinyLlavaConfig()
     model, processor = build_tiny_llava(TINY_TEXTS, config, seed=0)
     return save_tiny_llava(model, processor, tmp_path_factory.mktemp("tiny_llava"), config)
+
+
+@pytest.fixture(scope="session")
+def tiny_families(tmp_path_factory) -> TinyFamilyFolders:
+    """A function family name -> saved tiny model folder; each family is built once per run."""
+    return TinyFamilyFolders(tmp_path_factory.mktemp("tiny_families"))
 
 
 @pytest.fixture(scope="module")

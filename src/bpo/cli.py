@@ -263,6 +263,12 @@ def refs(run: TrainConfig, recompute: bool = False) -> None:
     table = config_reference_logps(run, model, processor, recompute=recompute)
     for key, message in list(table.bad.items())[:20]:
         console.log(f"no reference for {key}: {message}")
+    if table.bad and not table.pairs:
+        first = "; ".join(list(table.bad.values())[:3])
+        raise ValueError(
+            f"no pair could be scored ({len(table.bad)} unusable), e.g. {first}; fix the pairs or "
+            "the settings the reasons name (model, max_length, image_root) and rerun"
+        )
     counts = {k: getattr(table, k) for k in ("reused", "computed", "stale", "truncated")}
     print(
         json.dumps(

@@ -20,7 +20,7 @@ from PIL import Image
 import fake_vllm
 from bpo.bootstrap.config import BootstrapConfig, InjectConfig, WeakenConfig
 from bpo.bootstrap.inject.lexical import InjectionVocabulary, inject_errors
-from bpo.bootstrap.inject.rewriters import LMRewriter, causal_lm_from_mllm
+from bpo.bootstrap.inject.rewriters import LMRewriter, mllm_renderer
 from bpo.bootstrap.run import merge_bootstrap_stores, run_bootstrap
 from bpo.bootstrap.stats import length_stats
 from bpo.bootstrap.weaken import weakened_answers
@@ -234,7 +234,7 @@ def test_length_filter_rejects_are_counted(tmp_path, tiny_llava_folder, data, lo
 
 
 def test_self_injection_is_the_mllms_own_language_model(tmp_path, tiny_llava_folder, data, loaded):
-    """kind "self": the pairs are an LMRewriter over causal_lm_from_mllm, validated the same way.
+    """kind "self": the pairs are an LMRewriter over the MLLM on text alone, validated the same way.
 
     Sampled at temperature 1 in chunks of 4: each sample's rewrite is keyed by its global index,
     so one rewrite_all over the whole file (batches of 3, other rows) gives the same texts."""
@@ -245,10 +245,7 @@ def test_self_injection_is_the_mllms_own_language_model(tmp_path, tiny_llava_fol
     manifest = run_bootstrap(config, model_and_processor=loaded, progress=False)
     model, processor = loaded
     rewriter = LMRewriter(
-        inject,
-        TransformersGenerator(causal_lm_from_mllm(model), processor.tokenizer, batch_size=3),
-        processor.tokenizer,
-        chat_template=processor.tokenizer.chat_template or processor.chat_template,
+        inject, TransformersGenerator(model, processor, batch_size=3), mllm_renderer(processor)
     )
     samples, _ = split_records(read_llava(data))
     questions = [remove_image_placeholder(s.messages[-1]["content"]) for s in samples]

@@ -16,9 +16,10 @@ from bpo.bootstrap.inject.rewriters import (
     EndpointRewriter,
     LexicalRewriter,
     LMRewriter,
-    causal_lm_from_mllm,
     inject_seed,
     make_rewriter,
+    mllm_renderer,
+    template_renderer,
 )
 from bpo.bootstrap.inject.validate import InjectionStats
 from bpo.endpoint import EndpointConfig
@@ -68,7 +69,7 @@ def lm_rewriter(model, tokenizer, batch_size=8, chat_template=None, **inject) ->
     """An LMRewriter over a causal LM in the transformers backend, `inject` its InjectConfig."""
     config = InjectConfig(kind="local", model="tiny-lm", **inject)
     backend = TransformersGenerator(model, tokenizer, batch_size)
-    return LMRewriter(config, backend, tokenizer, chat_template, name="tiny-lm")
+    return LMRewriter(config, backend, template_renderer(tokenizer, chat_template), name="tiny-lm")
 
 
 def test_prompt_uses_the_chat_template(zebra_lm):
@@ -155,28 +156,28 @@ def test_sampled_rewrites_do_not_depend_on_the_batch():
     assert rewriter(1).rewrite_all([golds[4]], [None], [4])[0].raw == whole[4].raw
 
 
-def test_the_mllm_language_model_is_a_causal_lm_sharing_its_weights():
+def test_self_rewriting_runs_the_mllm_on_text_alone():
+    """The MLLM rewrites with its own template, typed content and no image: its rewrite is the
+    greedy continuation of exactly that prompt by the MLLM's own forward."""
     texts = ["a red circle and a blue square ."] * 8
     llava, processor = build_tiny_llava(texts, TinyLlavaConfig(), seed=0)
-    lm = causal_lm_from_mllm(llava)
-    assert lm.lm_head.weight.data_ptr() == llava.lm_head.weight.data_ptr()
-    ids = processor.tokenizer("a red circle and", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        expected = llava(input_ids=ids).logits
-        got = lm(input_ids=ids).logits
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    rewriter = lm_rewriter(
-        lm,
-        processor.tokenizer,
-        max_new_tokens=4,
-        temperature=0.0,
-        chat_template=processor.chat_template,
-    )
+    config = InjectConfig(kind="self", max_new_tokens=4, temperature=0.0)
+    rewriter = LMRewriter(config, TransformersGenerator(llava, processor), mllm_renderer(processor))
     prompt = rewriter.prompt("a red circle .")
     assert prompt.startswith("USER: Rewrite the image description") and prompt.endswith(
         "ASSISTANT:"
     )
-    assert len(rewriter.raw_rewrites(["a red circle ."], [None], [0])) == 1
+    assert "<image>" not in prompt
+    ids = processor.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        for _ in range(4):  # greedy by hand: the argmax of the last position, four times
+            ids = torch.cat([ids, llava(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    expected = processor.tokenizer.decode(ids[0, -4:], skip_special_tokens=True).strip()
+    eos = processor.tokenizer.eos_token_id
+    if eos in ids[0, -4:].tolist():  # generation stops at the end of sequence
+        cut = ids[0, -4:].tolist().index(eos)
+        expected = processor.tokenizer.decode(ids[0, -4:][:cut], skip_special_tokens=True).strip()
+    assert rewriter.raw_rewrites(["a red circle ."], [None], [0]) == [expected]
 
 
 def test_endpoint_rewriter(judge_server, monkeypatch):
@@ -250,14 +251,8 @@ def test_make_rewriter_gives_each_kind_its_rewriter(loaded, tiny_llava_folder, t
     rewriter = make_rewriter(own, mllm, model, processor, hf, batch_size=3)
     assert isinstance(rewriter, LMRewriter) and rewriter.generator == str(tiny_llava_folder)
     assert isinstance(rewriter.backend, TransformersGenerator) and rewriter.backend.batch_size == 3
-    assert rewriter.backend.model.lm_head is model.lm_head  # the MLLM's weights, not a copy
-    assert rewriter.chat_template == processor.chat_template
-    by_hand = LMRewriter(
-        own,
-        TransformersGenerator(causal_lm_from_mllm(model), processor.tokenizer),
-        processor.tokenizer,
-        processor.chat_template,
-    )
+    assert rewriter.backend.model is model  # the MLLM itself, not a copy
+    by_hand = LMRewriter(own, TransformersGenerator(model, processor), mllm_renderer(processor))
     golds = ["a red circle .", "a blue square ."]
     assert [r.raw for r in rewriter.rewrite_all(golds, [None] * 2, [0, 1])] == [
         r.raw for r in by_hand.rewrite_all(golds, [None] * 2, [0, 1])
@@ -274,8 +269,7 @@ def test_make_rewriter_gives_each_kind_its_rewriter(loaded, tiny_llava_folder, t
     tokenizer.save_pretrained(folder)
     local = make_rewriter(InjectConfig(kind="local", model=str(folder)), mllm, None, None, hf)
     assert isinstance(local, LMRewriter) and local.generator == str(folder)
-    assert local.chat_template is None  # the causal LM's own template
-    assert local.prompt(GOLD) == lm_rewriter(lm, tokenizer).prompt(GOLD)
+    assert local.prompt(GOLD) == lm_rewriter(lm, tokenizer).prompt(GOLD)  # its own template
     torch.testing.assert_close(
         local.backend.model.lm_head.weight, lm.lm_head.weight, rtol=0, atol=0
     )

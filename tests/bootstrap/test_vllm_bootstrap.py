@@ -111,8 +111,10 @@ def test_embeddings_are_the_transformers_paths_image_features_on_the_same_noise(
         assert not torch.equal(handed[2 * i], handed[2 * i + 1])
     clean = processor(text=["<image>"], images=[asked[0].image], return_tensors="pt")
     noised = noise_pixels(clean["pixel_values"], 900, config, 10, 0)
-    assert torch.equal(handed[0], image_features(model, noised))
-    assert (handed[0] - image_features(model, clean["pixel_values"])).abs().max() > 1e-2
+    assert torch.equal(handed[0], image_features(model, {"pixel_values": noised}))
+    assert (
+        handed[0] - image_features(model, {"pixel_values": clean["pixel_values"]})
+    ).abs().max() > 1e-2
 
 
 def test_prompts_and_sampling_params_are_what_vllm_expects(generator, loaded):
@@ -190,7 +192,7 @@ def test_each_noise_step_is_encoded_from_its_own_noise(generator, loaded):
         clean = processor(text=[prompt], images=[request.image], return_tensors="pt")
         for k, step in enumerate([500, 500, 900, 900]):
             noised = noise_pixels(clean["pixel_values"], step, config, 3 + i, k)
-            assert torch.equal(handed[4 * i + k], image_features(model, noised))
+            assert torch.equal(handed[4 * i + k], image_features(model, {"pixel_values": noised}))
     theirs = through_transformers(loaded, asked, config, indices=[3, 4])
     as_records = [[(a.text, a.token_ids, a.meta) for a in row] for row in ours]
     assert as_records == [[(a.text, a.token_ids, a.meta) for a in row] for row in theirs]

@@ -204,3 +204,25 @@ def test_missing_vllm_is_named_before_any_model_loads(monkeypatch, tiny_llava_fo
     assert made == []
     with pytest.raises(VllmUnavailableError, match=r"pip install 'bpo\[vllm\]'"):
         check_generate_config(GenerateConfig(backend="vllm"))
+
+
+class _BosTokenizer:
+    """A tokenizer that writes its BOS (id 1) in front of every text, as Gemma's does."""
+
+    bos_token, bos_token_id = "<bos>", 1
+
+    def __init__(self, adds_bos: bool):
+        self.adds_bos = adds_bos
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [ord(c) for c in text]
+        return {"input_ids": [1, *ids] if self.adds_bos and add_special_tokens else ids}
+
+
+@pytest.mark.parametrize(("adds_bos", "expected"), [(True, "USER: hi"), (False, "<bos>USER: hi")])
+def test_a_bos_the_template_wrote_is_not_doubled_by_vllm(adds_bos, expected):
+    """vLLM tokenizes a text prompt with the tokenizer's specials: a template-written BOS is
+    dropped from the text exactly when that tokenizer adds one itself."""
+    engine = VllmGenerator(object(), _BosTokenizer(adds_bos), eos={2}, sampling_params=dict)
+    assert engine._without_template_bos("<bos>USER: hi") == expected
+    assert engine._without_template_bos("USER: hi") == "USER: hi"

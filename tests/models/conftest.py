@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from bpo.models.tiny import TinyLlavaConfig, build_tiny_llava, save_tiny_llava
-
-COLOURS = ["red", "blue", "green", "yellow", "purple"]
-SHAPES = ["circle", "square", "triangle"]
-PROMPTS = ["Describe the image.", "What is in the image?", "How many shapes are there?"]
-# ~50 short captions plus the prompts: enough text for a 512-token BPE vocabulary.
-TEXTS = [
-    f"a {c1} {s1} and a {c2} {s2} ."
-    for (c1, s1), (c2, s2) in itertools.islice(
-        itertools.combinations(itertools.product(COLOURS, SHAPES), 2), 50
-    )
-] + PROMPTS
+from family_helpers import TEXTS
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,13 @@ import torch
 
 from bpo.models.prompts import build_prompt, tokenize_prompt_and_answer
 from bpo.train.batch import CHOSEN, PAD, PREFIX, REJECTED, collate_pairs, encode_pair
-from bpo.train.logprobs import block_attention_mask, chosen_logps, naive_pair_logps, pair_logps
+from bpo.train.logprobs import (
+    block_attention_mask,
+    chosen_logps,
+    image_blocks,
+    naive_pair_logps,
+    pair_logps,
+)
 
 
 def _batch(processor, pairs, image, with_image=(True, True, False)):
@@ -42,6 +48,29 @@ def test_block_mask_by_hand():
     mask = block_attention_mask(segments, torch.float32)
     expected = torch.where(torch.tensor(allowed, dtype=torch.bool), 0.0, torch.finfo().min)
     assert mask.shape == (1, 1, 6, 6)
+    assert torch.equal(mask[0, 0], expected)
+
+
+def test_block_mask_with_a_window_and_an_image_block_by_hand():
+    """Row [p p p c c r r] with positions [0 1 2 3 4 3 4], a window of 2 and tokens 0-1 one image
+    block: a query sees keys whose position is less than 2 behind its own, the block's two
+    tokens see each other both ways, and the rejected block's window counts from its restarted
+    positions (its second token sees the prefix's last token, as it would after the prefix)."""
+    segments = torch.tensor([[PREFIX] * 3 + [CHOSEN] * 2 + [REJECTED] * 2])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 3, 4]])
+    blocks = image_blocks(torch.tensor([[1, 1, 0, 0, 0, 0, 0]]))
+    assert blocks.tolist() == [[0, 0, -1, -1, -1, -1, -1]]
+    allowed = [
+        [1, 1, 0, 0, 0, 0, 0],  # image token 0 sees token 1 of its block
+        [1, 1, 0, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0, 0],  # position 2 - 0 = 2 is outside the window
+        [0, 0, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 0, 0, 1, 0],  # rejected at position 3: the prefix's last token and itself
+        [0, 0, 0, 0, 0, 1, 1],
+    ]
+    mask = block_attention_mask(segments, torch.float32, positions, window=2, blocks=blocks)
+    expected = torch.where(torch.tensor(allowed, dtype=torch.bool), 0.0, torch.finfo().min)
     assert torch.equal(mask[0, 0], expected)
 
 
@@ -132,21 +161,6 @@ def test_flash_attention_is_refused(llava, pairs, image):
             pair_logps(model, batch)
     finally:
         model.config._attn_implementation = before
-
-
-def test_an_mrope_model_is_scored_by_the_naive_path(llava, pairs, image, monkeypatch):
-    """A model whose config says M-RoPE (Qwen-VL) never takes the packed layout: pair_logps warns
-    and returns exactly naive_pair_logps' values (bit for bit: the naive path ran)."""
-    model, processor = llava
-    batch = _batch(processor, pairs, image)
-    with torch.no_grad():
-        packed = pair_logps(model, batch)
-        monkeypatch.setattr(model.config, "model_type", "qwen2_vl")
-        with pytest.warns(UserWarning, match="M-RoPE"):
-            routed = pair_logps(model, batch)
-        naive = naive_pair_logps(model, batch)
-    assert torch.equal(routed.chosen, naive.chosen) and torch.equal(routed.rejected, naive.rejected)
-    torch.testing.assert_close(packed.chosen, naive.chosen, atol=1e-5, rtol=0)  # same values
 
 
 def test_a_peft_wrapped_model_gives_the_naive_values_and_gradients(llava, pairs, image):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -410,3 +411,23 @@ def test_a_pair_with_an_empty_answer_is_reported_and_skipped(tiny_llava_folder, 
     result = train(config, *fresh, pairs, make_images(), log=messages.append)
     assert result.summary["pairs"] == 5 and result.summary["bad_reasons"] == {"empty_answer": 1}
     assert "skipping pair p2:weaken:0: the chosen answer is empty; fix or drop the pair" in messages
+
+
+def test_refs_and_train_fail_when_no_pair_is_usable(tiny_llava_folder, tmp_path, capsys):
+    """Every pair's image gone: `bpo refs` and `bpo train` stop with an error that counts the
+    unusable pairs and quotes a reason, instead of exiting 0 with nothing scored."""
+    from bpo.cli import main
+
+    store, image_root = write_store(tmp_path / "data")
+    for image in Path(image_root).glob("*.png"):
+        image.unlink()
+    (tmp_path / "train.yaml").write_text(
+        f"run:\n  model:\n    name_or_path: {tiny_llava_folder}\n    dtype: float32\n"
+        f"    device: cpu\n  pairs: {store}\n  image_root: {image_root}\n  out: {tmp_path / 'x'}\n"
+        "  lora: {r: 4, alpha: 8}\n  max_steps: 1\n  trackers: []\n"
+    )
+    with pytest.raises(ValueError, match=r"no pair could be scored \(6 unusable\), e\.g\. .*p0"):
+        main(["refs", "--config", str(tmp_path / "train.yaml")])
+    with pytest.raises(ValueError, match=r"no usable pairs to train on \(6 unusable"):
+        main(["train", "--config", str(tmp_path / "train.yaml")])
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()

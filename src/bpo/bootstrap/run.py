@@ -54,7 +54,7 @@ from bpo.data import (
 )
 from bpo.generate import Generator, TransformersGenerator, VllmGenerator
 from bpo.generate.vllm_backend import EngineFactory
-from bpo.models.load import load_from_config
+from bpo.models.load import check_family, load_from_config
 from bpo.models.prompts import tokenize_prompt_and_answer
 from bpo.models.vision import load_image_encoder
 from bpo.utils.console import progress_bar
@@ -346,6 +346,11 @@ def run_bootstrap(
             instead of `vllm.LLM` (tests hand in a stand-in).
     """
     check_config(config)
+    if model_and_processor is None:
+        # A family no stage serves stops here, before the store is created.
+        check_family(
+            config.model.name_or_path, config.model.trust_remote_code, config.model.revision
+        )
     data = Path(config.data)
     image_root = Path(config.image_root) if config.image_root else data.parent
     total = _count_shard_samples(config) if progress else 0

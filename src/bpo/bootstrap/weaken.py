@@ -13,8 +13,8 @@ the batch it lands in, or which other requests run (what a resumed or sharded ru
 the requests' global indices as `indices` when a run is split.
 
 Two routes to the same generation layer (`bpo.generate`):
-- transformers: each request carries a `pixels` transform that noises its own row of the batch's
-  processed pixels;
+- transformers: each request carries a `pixels` transform that noises its own processed pixels
+  (the generator encodes every request alone, in any family's pixel layout);
 - vLLM: the noised pixels go through the model's own vision tower and projector here
   (`bpo.models.vision`, the call the model's forward makes), and the engine gets the features as
   image embeddings. Pixels, noise and keys are those of the transformers route, so the engine's
@@ -36,6 +36,7 @@ from bpo.bootstrap.config import WeakenConfig, check_weaken, weaken_steps
 from bpo.bootstrap.noise import add_noise
 from bpo.generate import Decoding, GenerationRequest, Generator, stream_seed
 from bpo.generate.requests import as_request
+from bpo.models.family import encode_sample, join_vision, vision_keys
 from bpo.models.prompts import build_prompt
 from bpo.models.vision import image_features
 
@@ -59,9 +60,12 @@ def noise_pixels(
 ) -> Tensor:
     """One request's normalized pixels noised at `step` as sample `sample_index` of the request.
 
-    pixel_values: (1, C, H, W), or (1, images, C, H, W) for processors that split an image into
-        crops (Idefics3/SmolVLM); there a row with fewer crops is padded with all-zero images,
-        which the model drops, so they stay zero and the noise is drawn for the real ones only.
+    pixel_values: the request's own pixels in its family's layout (`bpo.models.family`): (1, C,
+        H, W) for LLaVA; (tiles, C, H, W) for InternVL; (patches, C*T*P*P) for Qwen-VL; or
+        (1, crops, C, H, W) for processors that split an image into crops (Idefics3/SmolVLM,
+        LLaVA-NeXT), where all-zero padding crops, which the model drops, stay zero and the
+        noise is drawn for the real ones only. The noise is elementwise, so any layout of the
+        normalized pixels is noised as the image itself would be.
     The noise is drawn on the CPU from the keyed generator, so it is the same on every device.
     """
     generator = torch.Generator().manual_seed(
@@ -117,27 +121,24 @@ def _embedding_requests(
 ) -> list[GenerationRequest]:
     """The vLLM route: each sample's noised pixels encoded to image features, batch by batch.
 
-    The pixels come from the processor call the transformers route makes, noised by the same
-    `noise_pixels` with the same keys, cast to the encoder's device and dtype in the same order.
+    The pixels come from the per-sample processor call the transformers route makes
+    (`bpo.models.family.encode_sample`), noised by the same `noise_pixels` with the same keys,
+    then joined (`join_vision`) and encoded `batch_size` at a time. The route serves families
+    with one image per row (`Family.image_embeds`), so row b of the features is sample b's.
     """
     rows = _rows(items, config)
     prompts = [build_prompt(processor, item.messages, has_image=True) for item in items]
     requests = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        clean = processor(
-            text=[prompts[p] for p, _, _ in batch],
-            images=[items[p].image for p, _, _ in batch],
-            padding=True,
-            return_tensors="pt",
-        )["pixel_values"]  # (B, C, H, W): one image per row
-        noised = torch.cat(
-            [
-                noise_pixels(clean[b : b + 1], step, config, keys[p], k)
-                for b, (p, k, step) in enumerate(batch)
-            ]
-        ).to(encoder.device, encoder.dtype)  # (B, C, H, W)
-        features = image_features(encoder, noised)  # (B, tokens, hidden)
+        samples = [encode_sample(processor, prompts[p], items[p].image) for p, _, _ in batch]
+        for sample, (p, k, step) in zip(samples, batch, strict=True):
+            sample["pixel_values"] = noise_pixels(sample["pixel_values"], step, config, keys[p], k)
+        vision = {
+            name: join_vision([sample[name] for sample in samples])
+            for name in vision_keys(samples[0])
+        }
+        features = image_features(encoder, vision)  # (B, tokens, hidden)
         for (p, k, _), row in zip(batch, features, strict=True):
             requests.append(
                 GenerationRequest(
@@ -177,7 +178,7 @@ def weakened_answers(
     indices: the requests' global indices (default 0, 1, ...), which key their noise and sampling.
     encoder: the vLLM route's encoder of noised pixels (`bpo.models.vision.load_image_encoder`);
         None for the transformers route.
-    batch_size: images the encoder encodes at once (the vLLM route).
+    batch_size: noised images the encoder encodes at once (the vLLM route).
     return_logits: keep each sample's raw per-step logits (transformers; tests).
     progress: called with the number of samples each finished batch added.
     """

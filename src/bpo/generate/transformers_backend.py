@@ -1,6 +1,8 @@
 """Generation in a loaded transformers model: batched, left-padded, keyed sampling.
 
-Requests are sorted by prompt length (rows with and without an image apart, and rows whose
+Each request is encoded alone by the processor and the samples joined (`bpo.models.family`), so
+a request's pixels are its own whatever the family's pixel layout. Requests are sorted by prompt
+length (rows with and without an image apart, and rows whose
 template wrote the BOS apart from those that need one), so that a batch pads little; prompts pad
 on the left, so every row's next token is at the last position; each row samples from its own
 keyed generator (`KeyedSampler`), so batching never changes an answer; answers come back in the
@@ -19,6 +21,7 @@ from transformers import LogitsProcessorList
 from bpo.generate.config import Decoding, check_decoding
 from bpo.generate.requests import Generation, GenerationRequest, as_request, check_seeds
 from bpo.generate.sampling import KeyedSampler, eos_ids, until_eos
+from bpo.models.family import encode_sample, join_samples
 from bpo.models.prompts import adds_special_tokens, build_prompt
 
 
@@ -58,20 +61,17 @@ class TransformersGenerator:
         return batches
 
     def inputs(self, prompts: list[str], requests: list[GenerationRequest]) -> Any:
-        """The processor's batch for alike rows, pixels transformed where a request asks."""
-        images = [r.image for r in requests if r.image is not None]
-        kwargs: dict[str, Any] = {"images": images} if images else {}
-        inputs = self.processor(
-            text=prompts,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-            add_special_tokens=adds_special_tokens(self.tokenizer, prompts[0]),
-            **kwargs,
-        )
-        if any(r.pixels is not None for r in requests):
-            inputs["pixel_values"] = transformed_pixels(inputs["pixel_values"], requests)
-        inputs = inputs.to(self.model.device)
+        """One batch of alike rows: each request encoded alone (`bpo.models.family`), its pixels
+        transformed where it asks, then joined and left-padded."""
+        specials = adds_special_tokens(self.tokenizer, prompts[0])
+        samples = []
+        for prompt, request in zip(prompts, requests, strict=True):
+            sample = encode_sample(self.processor, prompt, request.image, specials)
+            if request.pixels is not None:
+                sample["pixel_values"] = request.pixels(sample["pixel_values"])
+            samples.append(sample)
+        inputs = join_samples(samples, self.tokenizer.pad_token_id, side="left")
+        inputs = {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
@@ -130,22 +130,3 @@ class TransformersGenerator:
             if progress is not None:
                 progress(len(rows))
         return answers  # type: ignore[return-value]
-
-
-def transformed_pixels(pixel_values: torch.Tensor, requests: list[GenerationRequest]):
-    """The batch's pixels with each request's `pixels` transform applied to its own row.
-
-    One row per image (LLaVA's (B, C, H, W); Idefics3's (B, crops, C, H, W)) is what a transform
-    can be given; a processor that flattens the batch's patches together cannot be.
-    """
-    if pixel_values.shape[0] != len(requests):
-        raise ValueError(
-            f"the processor gave {pixel_values.shape[0]} pixel rows for {len(requests)} images; "
-            "a `pixels` transform (image weakening) needs one row per image"
-        )
-    return torch.cat(
-        [
-            r.pixels(pixel_values[b : b + 1]) if r.pixels is not None else pixel_values[b : b + 1]
-            for b, r in enumerate(requests)
-        ]
-    )

@@ -10,7 +10,8 @@ up to the engine's boundary with a stand-in engine that records what it is hande
   tokens, LM hidden)): the normalized pixels a weakened negative needs leave the image range, so
   no PIL image can carry them, and the features are made from them in transformers.
 - Rendered prompts (text-only rewriting) go as token ids, tokenized as the transformers backend
-  tokenizes them (no second BOS).
+  tokenizes them (no second BOS); a chat prompt whose template wrote the BOS goes without it when
+  vLLM's tokenizer adds one itself.
 - Sampling: each request gets `SamplingParams(seed=request.seed)`, so an answer does not depend
   on the batch it runs in and a resumed or sharded run remakes it (given the same vLLM version,
   GPUs and parallelism). vLLM's sampler is not ours: the two backends draw from the same
@@ -123,6 +124,16 @@ class VllmGenerator:
     def tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)
 
+    def _without_template_bos(self, text: str) -> str:
+        """The text prompt vLLM should tokenize: vLLM adds the tokenizer's specials to a text
+        prompt, so a BOS the chat template wrote (SmolVLM, Gemma) would come twice; it is left
+        out here when the tokenizer adds it itself."""
+        bos = self.tokenizer.bos_token
+        if not bos or not text.startswith(bos):
+            return text
+        adds_bos = self.tokenizer("a")["input_ids"][:1] == [self.tokenizer.bos_token_id]
+        return text[len(bos) :] if adds_bos else text
+
     def _prompt(self, request: GenerationRequest) -> dict[str, Any]:
         if request.pixels is not None:
             raise ValueError(
@@ -134,9 +145,8 @@ class VllmGenerator:
             ids = self.tokenizer(request.prompt, add_special_tokens=specials)["input_ids"]
             return {"prompt_token_ids": list(ids)}
         has_image = request.image is not None or request.image_embeds is not None
-        entry: dict[str, Any] = {
-            "prompt": build_prompt(self.processor, request.messages, has_image=has_image)
-        }
+        text = build_prompt(self.processor, request.messages, has_image=has_image)
+        entry: dict[str, Any] = {"prompt": self._without_template_bos(text)}
         if request.image_embeds is not None:
             entry["multi_modal_data"] = {"image": request.image_embeds}
         elif request.image is not None:

@@ -107,7 +107,8 @@ def build_full_text(
     """(prompt, prompt + answer as the template renders it) for scoring `answer` after `messages`.
 
     The completion is everything the template writes after the generation prompt: the answer and
-    its end-of-turn marker. Whitespace after that marker is dropped (the model never generates it).
+    its end-of-turn marker (where the template opens a rendered assistant turn otherwise than its
+    generation prompt, the answer and what follows it). Whitespace after that marker is dropped (the model never generates it).
     When the template writes no end-of-turn marker at all (llava-hf's llava-1.5 template), the
     tokenizer's eos token is appended so the model learns to stop, as LLaVA's own training did.
     """
@@ -120,16 +121,28 @@ def build_full_text(
         add_generation_prompt=False,
         has_image=has_image,
     )
-    if not full.startswith(prompt):
-        raise ValueError(
-            "the chat template renders the conversation with the answer differently from the "
-            f"prompt alone, so the answer cannot be located: prompt {prompt!r}, full {full!r}"
-        )
-    completion = full[len(prompt) :].rstrip()
+    if full.startswith(prompt):
+        completion = full[len(prompt) :].rstrip()
+    else:
+        completion = _completion_after_answer(prompt, full, answer)
     if completion.endswith(answer.rstrip()):
         tokenizer = getattr(processor, "tokenizer", processor)
         completion += tokenizer.eos_token or ""
     return prompt, prompt + completion
+
+
+def _completion_after_answer(prompt: str, full: str, answer: str) -> str:
+    """The completion when the template writes an assistant turn's opening otherwise than its
+    generation prompt (llava-hf's OneVision template: "assistant\n" to generate, "assistant \n"
+    in a rendered turn): the answer, then whatever the template writes after it (its end-of-turn
+    marker), which is what the model generates after the generation prompt."""
+    at = full.rfind(answer)
+    if at < 0:
+        raise ValueError(
+            "the chat template renders the conversation with the answer differently from the "
+            f"prompt alone, so the answer cannot be located: prompt {prompt!r}, full {full!r}"
+        )
+    return (answer + full[at + len(answer) :]).rstrip()
 
 
 def tokenize_prompt_and_answer(

@@ -8,12 +8,14 @@ image embeddings. The features come from the call the model's own forward makes
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from bpo.models.family import UnsupportedModelError, check_supported, language_model_name
 from bpo.models.load import ModelConfig, load_from_config, resolve_device, resolve_dtype
 
 
@@ -26,15 +28,26 @@ def load_image_encoder(model: ModelConfig) -> tuple[Any, Any]:
     device = resolve_device(model.device)
     dtype = str(resolve_dtype(model.dtype, device)).removeprefix("torch.")
     encoder, processor = load_from_config(replace(model, device="cpu", dtype=dtype))
-    encoder.model.language_model = None
+    family = check_supported(encoder)
+    if not family.image_embeds:
+        raise UnsupportedModelError(
+            f"image weakening with the vLLM backend hands vLLM the noised image's features, which "
+            f"is wired for LLaVA-1.5 only, not yet for {family.name!r}; use backend: transformers"
+        )
+    encoder.set_submodule(language_model_name(encoder), torch.nn.Identity())
     encoder.lm_head = None
     return encoder.to(device), processor
 
 
 @torch.inference_mode()
-def image_features(encoder: Any, pixel_values: Tensor) -> Tensor:
-    """(B, image tokens, LM hidden) features of pixels (B, C, H, W), as the forward makes them."""
-    out = encoder.get_image_features(pixel_values=pixel_values, return_dict=True)
+def image_features(encoder: Any, vision: dict[str, Tensor]) -> Tensor:
+    """(images, image tokens, LM hidden) features of a batch's vision tensors (`pixel_values`
+    and what the family adds), as the model's forward makes them, for families with a fixed
+    number of tokens per image (`Family.image_embeds`)."""
+    accepted = inspect.signature(encoder.get_image_features).parameters
+    kwargs = {k: v.to(encoder.device) for k, v in vision.items() if k in accepted}
+    kwargs["pixel_values"] = kwargs["pixel_values"].to(encoder.dtype)
+    out = encoder.get_image_features(**kwargs, return_dict=True)
     features = getattr(out, "pooler_output", out)  # transformers 5: an output; 4.x: the tensor
     if isinstance(features, (list, tuple)):
         features = torch.stack(list(features))  # one (tokens, hidden) per image

@@ -15,9 +15,12 @@ The packed layout. Each pair is one row `[prefix | chosen | rejected | pad]`, ri
     score_targets   (B, K)  the answer token predicted there (`pad_token_id` where unused)
     score_branch    (B, K)  1 chosen, 2 rejected, 0 unused
     prefix_lengths, chosen_lengths, rejected_lengths  (B,)
-    + the vision tensors (e.g. pixel_values), each pair's concatenated along dim 0 in row order;
-      `extra["vision_sizes"]` holds each pair's dim-0 size per key so the naive reference can
-      duplicate them per answer.
+    + the vision tensors (e.g. pixel_values), each pair's concatenated along dim 0 in row order
+      (`bpo.models.family.join_vision`); `extra["vision_sizes"]` holds each pair's dim-0 size per
+      key so the naive reference can duplicate them per answer;
+    + the processor's token-aligned outputs (`token_type_ids`, `mm_token_type_ids`), (B, L): the
+      prefix's values, 0 over both answers (text) and padding; their names in
+      `extra["token_keys"]`.
 
 `bpo.train.logprobs` turns `segments` into the block attention mask: chosen tokens see the prefix
 and the chosen tokens before them; rejected tokens see the prefix and the rejected tokens before
@@ -38,11 +41,10 @@ import torch
 from torch import Tensor
 
 from bpo.data.records import PreferencePair
+from bpo.models.family import encode_sample, join_vision, token_aligned_keys, vision_keys
 from bpo.models.prompts import build_prompt, tokenize_prompt_and_answer
 
 PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
-# Processor outputs that are text, not vision.
-_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
 class EncodeError(ValueError):
@@ -75,6 +77,8 @@ class EncodedPair:
     chosen_ids: list[int]  # answer tokens after the prompt, ending with the end-of-turn token
     rejected_ids: list[int]
     vision: dict[str, Tensor] = field(default_factory=dict)  # processor's image outputs, batch 1
+    # The processor's token-aligned outputs over prompt_ids (e.g. token_type_ids), by name.
+    token_types: dict[str, list[int]] = field(default_factory=dict)
     truncated: bool = False  # an answer was cut to fit max_length
 
 
@@ -96,38 +100,48 @@ class PairBatch:
         """The vision tensors (whatever the processor gave besides text), by keyword."""
         return {name: self.tensors[name] for name in self.extra.get("vision_keys", [])}
 
+    @property
+    def token_types(self) -> dict[str, Tensor]:
+        """The token-aligned outputs (e.g. token_type_ids), (B, L) over the packed rows."""
+        return {name: self.tensors[name] for name in self.extra.get("token_keys", [])}
+
     def __len__(self) -> int:
         return len(self.keys)
 
 
 def _prompt_ids_with_image(
     processor: Any, prompt_text: str, image: Any, add_special_tokens: bool
-) -> tuple[list[int], dict[str, Tensor]]:
-    """Prompt ids with the image placeholder expanded by the processor, and its vision tensors."""
-    out = processor(
-        images=[image],
-        text=[prompt_text],
-        return_tensors="pt",
-        add_special_tokens=add_special_tokens,
-    )
-    vision = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, Tensor)}
-    return out["input_ids"][0].tolist(), vision
+) -> tuple[list[int], dict[str, Tensor], dict[str, list[int]]]:
+    """Prompt ids with the image placeholder expanded by the processor, its vision tensors and
+    its token-aligned outputs."""
+    out = encode_sample(processor, prompt_text, image, add_special_tokens)
+    vision = {k: out[k] for k in vision_keys(out)}
+    token_types = {k: out[k][0].tolist() for k in token_aligned_keys(out)}
+    return out["input_ids"][0].tolist(), vision, token_types
 
 
 def _check_same_text(key: str, expanded: list[int], plain: list[int], image_token_id: int) -> None:
     """Outside the image run, the processor's ids must be the tokenizer's: else answers misalign.
 
-    The one placeholder may expand to any run holding image tokens: N image tokens (LLaVA), or
-    `<fake_token_around_image><global-img><image>*N<fake_token_around_image>` (Idefics3/SmolVLM).
+    The placeholder the template writes may expand to any run holding image tokens: N image
+    tokens (LLaVA), `<fake_token_around_image><global-img><image>*N<fake_token_around_image>`
+    (Idefics3/SmolVLM), `\n\n<start_of_image><image_soft_token>*N<end_of_image>\n\n` in place
+    of `<start_of_image>` (Gemma 3), image patch tokens of another id than the placeholder's
+    (Aya Vision). So the two may differ only in one stretch, which the processor's ids make longer
+    (or fill with image tokens); the prompt's end (where answers start) must be the same.
     """
-    at = plain.index(image_token_id)
-    tail = len(plain) - at - 1
-    run = expanded[at : len(expanded) - tail]
-    if (
-        expanded[:at] != plain[:at]
-        or expanded[len(expanded) - tail :] != plain[at + 1 :]
-        or image_token_id not in run
+    start = 0
+    while start < min(len(expanded), len(plain)) and expanded[start] == plain[start]:
+        start += 1
+    end = 0  # common suffix, not overlapping the common prefix
+    while (
+        end < min(len(expanded), len(plain)) - start
+        and expanded[len(expanded) - 1 - end] == plain[len(plain) - 1 - end]
     ):
+        end += 1
+    middle = expanded[start : len(expanded) - end]
+    expanded_image = image_token_id in middle or len(middle) > len(plain) - start - end
+    if end == 0 or not expanded_image:
         raise EncodeError(
             f"pair {key}: the processor tokenizes the prompt differently from the tokenizer "
             f"(beyond expanding the image): {expanded} vs {plain}"
@@ -195,13 +209,14 @@ def encode_pair(
     has_image = image is not None
     prompt_plain, chosen, rejected = _tokenize_answers(pair, processor, has_image)
     vision: dict[str, Tensor] = {}
+    token_types: dict[str, list[int]] = {}
     prompt_ids = prompt_plain
     if has_image:
         tokenizer = getattr(processor, "tokenizer", processor)
         text = build_prompt(processor, pair.prompt, add_generation_prompt=True, has_image=True)
         # tokenize_prompt_and_answer adds the specials unless the template wrote the BOS itself.
         specials = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
-        prompt_ids, vision = _prompt_ids_with_image(processor, text, image, specials)
+        prompt_ids, vision, token_types = _prompt_ids_with_image(processor, text, image, specials)
         image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
         _check_same_text(pair.key, prompt_ids, prompt_plain, image_token_id)
     chosen, rejected, truncated = _fit_answers(
@@ -213,6 +228,7 @@ def encode_pair(
         chosen_ids=chosen,
         rejected_ids=rejected,
         vision=vision,
+        token_types=token_types,
         truncated=truncated,
     )
 
@@ -249,24 +265,29 @@ def _pad_rows(rows: Sequence[list[int]], value: int) -> Tensor:
 
 
 def _collate_vision(items: Sequence[EncodedPair]) -> tuple[dict[str, Tensor], dict[str, list]]:
-    """Each vision key concatenated over the pairs that have it, plus each pair's dim-0 size."""
+    """Each vision key joined over the pairs that have it, plus each pair's dim-0 size."""
     keys = sorted({k for item in items for k in item.vision})
     tensors, sizes = {}, {}
     for k in keys:
-        parts = [item.vision[k] for item in items if k in item.vision]
-        # Per-pair crop counts differ when a processor splits images (Idefics3/SmolVLM:
-        # (1, images, C, H, W) with a (1, images, H, W) mask): pad with all-zero images, which
-        # those models drop, as their processors pad a batch themselves.
-        most = max(part.shape[1] for part in parts) if parts[0].dim() >= 3 else 0
-        parts = [
-            torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, most - p.shape[1]))
-            if p.dim() >= 3 and p.shape[1] < most
-            else p
-            for p in parts
-        ]
-        tensors[k] = torch.cat(parts, dim=0)
+        tensors[k] = join_vision([item.vision[k] for item in items if k in item.vision])
         sizes[k] = [item.vision[k].shape[0] if k in item.vision else 0 for item in items]
     return tensors, sizes
+
+
+def _collate_token_types(items: Sequence[EncodedPair]) -> dict[str, Tensor]:
+    """Each token-aligned key as (B, L) rows: the prefix's values, then 0 (answers, padding)."""
+    keys = sorted({k for item in items for k in item.token_types})
+    return {
+        k: _pad_rows(
+            [
+                item.token_types.get(k, [0] * len(item.prompt_ids))
+                + [0] * (len(item.chosen_ids) + len(item.rejected_ids))
+                for item in items
+            ],
+            0,
+        )
+        for k in keys
+    }
 
 
 def collate_pairs(items: Sequence[EncodedPair], pad_token_id: int) -> PairBatch:
@@ -279,6 +300,7 @@ def collate_pairs(items: Sequence[EncodedPair], pad_token_id: int) -> PairBatch:
     packed = [_packed_row(item) for item in items]
     scored = [_score_row(item) for item in items]
     vision, sizes = _collate_vision(items)
+    token_types = _collate_token_types(items)
     tensors = {
         "input_ids": _pad_rows([row[0] for row in packed], pad_token_id),
         "segments": _pad_rows([row[1] for row in packed], PAD),
@@ -290,11 +312,13 @@ def collate_pairs(items: Sequence[EncodedPair], pad_token_id: int) -> PairBatch:
         "chosen_lengths": torch.tensor([len(i.chosen_ids) for i in items]),
         "rejected_lengths": torch.tensor([len(i.rejected_ids) for i in items]),
         **vision,
+        **token_types,
     }
     extra = {
         "pad_token_id": pad_token_id,
         "vision_keys": sorted(vision),
         "vision_sizes": sizes,
+        "token_keys": sorted(token_types),
         "truncated": [item.truncated for item in items],
     }
     return PairBatch(tensors=tensors, keys=[item.key for item in items], extra=extra)

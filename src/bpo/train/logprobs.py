@@ -13,6 +13,10 @@ run once for both answers. Three things make it exact, and each fails silently i
     packed sequences and the rejected answer loses sight of the prefix;
   * padding rows attend to themselves, so no softmax row is all -inf (NaN);
   * the first token of each answer is scored from the prefix's last position.
+What differs between families comes from `bpo.models.family`: 3-D M-RoPE positions from the
+model's own rope index (Qwen-VL, GLM), one mask per layer type with each sliding window applied
+over the restarted positions (Gemma 3), bidirectional attention inside an image block (Gemma 3),
+and the token-aligned inputs (`token_type_ids`, `mm_token_type_ids`) every path passes on.
 Only answer positions reach the LM head (`logits_to_keep` with per-row positions), and the
 log-softmax runs in fp32 on those positions alone.
 
@@ -23,6 +27,7 @@ tensors by keyword (LLaVA and other transformers image-text models do).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bpo.models.family import attention_layout, family_of, mrope_positions, packing_refusal
 from bpo.train.batch import CHOSEN, PAD, PREFIX, REJECTED, PairBatch
 
 
@@ -43,22 +49,89 @@ class PairLogps:
     rejected_tokens: Tensor
 
 
-def block_attention_mask(segments: Tensor, dtype: torch.dtype) -> Tensor:
-    """The additive (B, 1, L, L) mask of packed rows: 0 where a query may look, dtype min elsewhere.
-
-    A token sees earlier tokens of the prefix and of its own segment; the rejected block never
-    sees the chosen one. Padding sees only itself, which keeps every softmax row finite.
-    """
+def _block_allowed(segments: Tensor) -> Tensor:
+    """(B, L, L) bool: a token sees earlier tokens of the prefix and of its own segment."""
     length = segments.shape[1]
     pos = torch.arange(length, device=segments.device)
     causal = pos[None, :] <= pos[:, None]  # (L, L) key <= query
     query, key = segments[:, :, None], segments[:, None, :]  # (B, L, 1), (B, 1, L)
     same_branch = (key == PREFIX) | (key == query)
-    allowed = causal & same_branch & (key != PAD) & (query != PAD)  # (B, L, L)
+    return causal & same_branch & (key != PAD) & (query != PAD)
+
+
+def image_blocks(token_type_ids: Tensor) -> Tensor:
+    """(B, L) the index of the image block each token is in (runs of type 1), -1 elsewhere."""
+    is_image = token_type_ids == 1
+    starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+    return torch.where(is_image, starts.long().cumsum(-1) - 1, -1)
+
+
+def block_attention_mask(
+    segments: Tensor,
+    dtype: torch.dtype,
+    positions: Tensor | None = None,
+    window: int | None = None,
+    blocks: Tensor | None = None,
+) -> Tensor:
+    """The additive (B, 1, L, L) mask of packed rows: 0 where a query may look, dtype min elsewhere.
+
+    A token sees earlier tokens of the prefix and of its own segment; the rejected block never
+    sees the chosen one. Padding sees only itself, which keeps every softmax row finite.
+    window: a sliding window over the (B, L) 1-D `positions` (which restart for the rejected
+        block, so a rejected token's window is the one it has after the prefix alone): a key
+        is seen only when query position - key position < window.
+    blocks: (B, L) image-block indices (`image_blocks`); tokens of one block see each other
+        both ways (Gemma 3's bidirectional image attention).
+    """
+    allowed = _block_allowed(segments)
+    if blocks is not None:
+        allowed = allowed | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
+    if window is not None:
+        allowed = allowed & ((positions[:, :, None] - positions[:, None, :]) < window)
+    length = segments.shape[1]
     allowed = allowed | torch.eye(length, dtype=torch.bool, device=segments.device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]  # (B, 1, L, L)
+
+
+def packed_attention_mask(model: Any, batch: PairBatch, dtype: torch.dtype) -> Any:
+    """The packed rows' mask as the model's layers need it: one 4D mask, or (layers of several
+    types, e.g. Gemma 3's full and sliding ones) a dict of them by layer type."""
+    layout = attention_layout(model)
+    t = batch.tensors
+    blocks = None
+    if layout.bidirectional_images and "token_type_ids" in t:
+        blocks = image_blocks(t["token_type_ids"])
+    masks = {
+        kind: block_attention_mask(t["segments"], dtype, t["position_ids"], window, blocks)
+        for kind, window in layout.windows.items()
+    }
+    return masks if layout.by_layer_type else next(iter(masks.values()))
+
+
+def packed_position_ids(model: Any, batch: PairBatch) -> Tensor:
+    """The packed rows' positions: 1-D (B, L), or for M-RoPE families (3, B, L) from the model's
+    own rope index over prefix + chosen, the rejected block restarting on all three axes at the
+    position the chosen block starts at (answers are text: one step per token on every axis)."""
+    t = batch.tensors
+    if family_of(model).positions != "mrope":
+        return t["position_ids"]
+    segments = t["segments"]
+    keep = (segments == PREFIX) | (segments == CHOSEN)
+    types = t.get("mm_token_type_ids", torch.zeros_like(t["input_ids"]))
+    positions = mrope_positions(model, t["input_ids"], types, keep, **batch.vision)  # (3, B, L)
+    p = t["prefix_lengths"]
+    rows = torch.arange(len(p), device=p.device)
+    start = positions[:, rows, p]  # (3, B): the first chosen token's position
+    offset = t["position_ids"] - p[:, None]  # (B, L): j for the rejected block's token j
+    rejected = (segments == REJECTED)[None]
+    return torch.where(rejected, start[:, :, None] + offset[None], positions)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def _compute_dtype(model: Any, device: torch.device) -> torch.dtype:
@@ -78,29 +151,6 @@ def _check_attention(model: Any) -> None:
             f"pair_logps needs a 4D attention mask, which attn_implementation={impl!r} cannot take;"
             " load the model with attn_implementation='sdpa' (or 'eager'), or use naive_pair_logps"
         )
-
-
-# Families whose rotary positions are 3-D (time, height, width; M-RoPE): given 1-D position ids
-# they copy them to all three axes, so a restarted rejected block would get wrong image-relative
-# positions and wrong log-probs with no error. They take the naive path until the packed layout
-# computes their positions (`get_rope_index`).
-MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-
-
-def uses_mrope(model: Any) -> bool:
-    """Whether the model's positions are M-RoPE's 3-D ones (the Qwen-VL families)."""
-    config = getattr(getattr(model, "module", model), "config", None)
-    configs = [config, getattr(config, "text_config", None)]
-    for c in configs:
-        if c is None:
-            continue
-        if getattr(c, "model_type", None) in MROPE_MODEL_TYPES:
-            return True
-        for name in ("rope_scaling", "rope_parameters"):
-            rope = getattr(c, name, None)
-            if isinstance(rope, dict) and "mrope_section" in rope:
-                return True
-    return False
 
 
 def _scored_logits(model: Any, positions: Tensor, **inputs: Any) -> Tensor:
@@ -134,26 +184,25 @@ def _sum_branches(token_logps: Tensor, branch: Tensor) -> PairLogps:
 def pair_logps(model: Any, batch: PairBatch) -> PairLogps:
     """Both answers' summed log-probs from one packed row per pair (one vision + prefix pass).
 
-    M-RoPE models (Qwen-VL families) are scored by `naive_pair_logps` instead, with a warning.
+    A model whose layers are not all attention (`bpo.models.family.packing_refusal`) is scored
+    by `naive_pair_logps`, a plain forward per answer, with a warning saying why.
     """
-    if uses_mrope(model):
-        warnings.warn(
-            "this model uses 3-D M-RoPE positions, which the packed layout does not compute yet; "
-            "scoring with the naive batch of two (correct, without the shared-prefix speed-up)",
-            stacklevel=2,
-        )
+    why = packing_refusal(model)
+    if why:
+        _warn_once(f"{why}; scoring with the naive batch of two (a plain forward per answer)")
         return naive_pair_logps(model, batch)
     _check_attention(model)
     t = batch.tensors
     input_ids = t["input_ids"]
-    mask = block_attention_mask(t["segments"], _compute_dtype(model, input_ids.device))
+    mask = packed_attention_mask(model, batch, _compute_dtype(model, input_ids.device))
     logits = _scored_logits(
         model,
         t["score_positions"],
         input_ids=input_ids,
         attention_mask=mask,
-        position_ids=t["position_ids"],
+        position_ids=packed_position_ids(model, batch),
         **batch.vision,
+        **batch.token_types,
     )
     return _sum_branches(_token_logps(logits, t["score_targets"]), t["score_branch"])
 
@@ -170,19 +219,22 @@ def chosen_logps(model: Any, batch: PairBatch) -> PairLogps:
     not_chosen = t["score_branch"][:, :k] != CHOSEN
     branch = t["score_branch"][:, :k].masked_fill(not_chosen, 0)
     positions = t["score_positions"][:, :k].masked_fill(not_chosen, 0)  # stay inside the row
+    token_types = {k: v[:, :width].masked_fill(~keep, 0) for k, v in batch.token_types.items()}
     logits = _scored_logits(
         model,
         positions,
         input_ids=input_ids,
         attention_mask=keep.long(),
         **batch.vision,
+        **token_types,
     )
     return _sum_branches(_token_logps(logits, t["score_targets"][:, :k]), branch)
 
 
-def _naive_rows(batch: PairBatch) -> tuple[Tensor, Tensor, Tensor]:
-    """(input ids, attention mask, answer mask) of 2B right-padded rows, chosen then rejected
-    per pair: [p0 + c0, p0 + r0, p1 + c1, ...]. The answer mask marks answer tokens."""
+def _naive_rows(batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """(input ids, attention mask, answer mask, token-aligned outputs) of 2B right-padded rows,
+    chosen then rejected per pair: [p0 + c0, p0 + r0, p1 + c1, ...]. The answer mask marks
+    answer tokens."""
     t = batch.tensors
     packed = t["input_ids"]
     p, c, r = t["prefix_lengths"], t["chosen_lengths"], t["rejected_lengths"]
@@ -199,7 +251,11 @@ def _naive_rows(batch: PairBatch) -> tuple[Tensor, Tensor, Tensor]:
     src = src.clamp(max=packed.shape[1] - 1)
     ids = rows.gather(1, src).masked_fill(~valid, batch.extra["pad_token_id"])
     answer = valid & (j >= starts[:, None])
-    return ids, valid.long(), answer
+    token_types = {
+        name: values.repeat_interleave(2, dim=0).gather(1, src).masked_fill(~valid, 0)
+        for name, values in batch.token_types.items()
+    }
+    return ids, valid.long(), answer, token_types
 
 
 def _duplicated_vision(batch: PairBatch) -> dict[str, Tensor]:
@@ -214,9 +270,13 @@ def _duplicated_vision(batch: PairBatch) -> dict[str, Tensor]:
 def naive_pair_logps(model: Any, batch: PairBatch) -> PairLogps:
     """The reference: a standard batch of 2B sequences (prefix + chosen, prefix + rejected), each
     with its own copy of the image, a 2D padding mask and full logits."""
-    ids, attention, answer = _naive_rows(batch)
+    ids, attention, answer, token_types = _naive_rows(batch)
     logits = model(
-        input_ids=ids, attention_mask=attention, use_cache=False, **_duplicated_vision(batch)
+        input_ids=ids,
+        attention_mask=attention,
+        use_cache=False,
+        **_duplicated_vision(batch),
+        **token_types,
     ).logits  # (2B, W, V)
     # Token j is predicted by position j - 1.
     token_logps = _token_logps(logits[:, :-1], ids[:, 1:]) * answer[:, 1:]  # (2B, W - 1)

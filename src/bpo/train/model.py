@@ -2,8 +2,9 @@
 
 LoRA (peft; default targets: every linear layer of the language model), QLoRA (4-bit base, needs
 bitsandbytes and CUDA) or full fine-tuning of the language model. The vision tower stays frozen
-unless asked; the projector trains only when `projector_lr` is set, at that rate. Components are
-found by the submodule names of LLaVA-style models.
+unless asked; the projector trains only when `projector_lr` is set, at that rate. The language
+model is the module the model's `get_decoder()` returns (`bpo.models.family`); the vision tower
+and projector are found by their submodule names, which differ between families.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from bpo.models.family import language_model_name
 from bpo.train.config import TrainConfig
 
-# Submodule names of LLaVA-style models (the last component of the module's dotted name).
+# Submodule names (the last component of the dotted name): LLaVA, Gemma 3, InternVL, Mistral 3
+# (`vision_tower`, `multi_modal_projector`), Qwen-VL (`visual`, its `merger`), Idefics3/SmolVLM
+# (`vision_model`, `connector`).
 VISION_NAMES = ("vision_tower", "visual", "vision_model")
-PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector")
-LANGUAGE_NAMES = ("language_model",)
+PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector", "merger")
 
 
 def find_component(model: nn.Module, names: Sequence[str]) -> str | None:
@@ -34,9 +37,7 @@ def find_component(model: nn.Module, names: Sequence[str]) -> str | None:
 
 def lora_target_regex(model: nn.Module, names: Sequence[str] | None = None) -> str:
     """A peft `target_modules` regex: the named linear layers (default all) of the language model."""
-    lm = find_component(model, LANGUAGE_NAMES)
-    if lm is None:
-        raise ValueError(f"{type(model).__name__} has no `language_model` submodule to adapt")
+    lm = language_model_name(model)
     linear = {
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
@@ -70,8 +71,7 @@ def setup_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.requires_grad_(False)
     if config.finetune == "full":
-        lm = find_component(model, LANGUAGE_NAMES)
-        model.get_submodule(lm).requires_grad_(True)
+        model.get_submodule(language_model_name(model)).requires_grad_(True)
         model.get_output_embeddings().requires_grad_(True)
     else:
         from peft import LoraConfig, get_peft_model
@@ -140,6 +140,9 @@ def load_for_training(config: TrainConfig, device: torch.device) -> tuple[nn.Mod
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
+    from bpo.models.load import check_family
+
+    check_family(m.name_or_path, m.trust_remote_code, m.revision)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

@@ -6,8 +6,9 @@ made its rewrites in `generator` (recorded in each pair's meta):
 
 - `LexicalRewriter`: the deterministic lexical injector (`bpo.bootstrap.inject.lexical`);
 - `LMRewriter`: a language model prompted through its chat template with few-shot examples, by
-  default the MLLM's own language model (`causal_lm_from_mllm`), generating through any backend
-  of `bpo.generate` (the loaded model, a local causal LM, or the run's vLLM engine);
+  default the MLLM itself on text-only prompts (every supported family answers text alone, so no
+  text-only model has to be cut out of it), generating through any backend of `bpo.generate`
+  (the loaded model, a local causal LM, or the run's vLLM engine);
 - `EndpointRewriter`: an OpenAI-compatible chat endpoint, through `bpo.endpoint.ChatClient`.
 
 Each request's randomness is keyed by its global index (`stream_seed(seed, index, 0, "inject")`),
@@ -19,10 +20,9 @@ takes only the new tokens, by count.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Protocol
-
-import torch
 
 from bpo.bootstrap.config import InjectConfig
 from bpo.bootstrap.inject.lexical import InjectionVocabulary, inject_errors
@@ -38,6 +38,7 @@ from bpo.generate import (
     stream_seed,
 )
 from bpo.models.load import ModelConfig, load_causal_lm
+from bpo.models.prompts import build_prompt
 
 
 class Rewriter(Protocol):
@@ -90,34 +91,28 @@ class LexicalRewriter:
 
 
 class LMRewriter:
-    """Rewrites with a language model, prompted through its tokenizer's chat template.
+    """Rewrites with a language model, prompted through a chat template.
 
     generate: the backend that continues the rendered prompts (text only).
-    chat_template: a template to use instead of the tokenizer's own (e.g. the MLLM processor's,
-        when the rewriter is the MLLM's language model).
+    render: messages -> prompt text (`template_renderer` for a tokenizer's template; for the
+        MLLM itself, `bpo.models.prompts.build_prompt` without an image, which renders the
+        typed content multimodal templates expect).
     """
 
     def __init__(
         self,
         config: InjectConfig,
         generate: Generator,
-        tokenizer: Any,
-        chat_template: str | None = None,
+        render: Callable[[list[dict[str, str]]], str],
         name: str = "",
     ):
-        self.config, self.backend, self.tokenizer = config, generate, tokenizer
-        self.chat_template = chat_template
+        self.config, self.backend, self.render = config, generate, render
         self.generator = name
         self.decoding = Decoding(config.max_new_tokens, config.temperature, config.top_p)
 
     def prompt(self, gold: str, question: str | None = None) -> str:
         """The rendered prompt text for one rewrite."""
-        return self.tokenizer.apply_chat_template(
-            rewrite_messages(gold, self.config.mode, question),
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=True,
-        )
+        return self.render(rewrite_messages(gold, self.config.mode, question))
 
     def raw_rewrites(
         self, golds: Sequence[str], questions: Sequence[str | None], indices: Sequence[int]
@@ -175,22 +170,21 @@ class EndpointRewriter:
         self.client.close()
 
 
-def causal_lm_from_mllm(model: Any) -> Any:
-    """The MLLM's language model as a causal LM that shares (never copies) its weights.
+def template_renderer(
+    tokenizer: Any, chat_template: str | None = None
+) -> Callable[[list[dict[str, str]]], str]:
+    """Messages -> prompt text through a text LM tokenizer's chat template (or `chat_template`)."""
+    return partial(
+        tokenizer.apply_chat_template,
+        chat_template=chat_template,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
 
-    transformers 5 has no causal-LM class for a LLaVA checkpoint, so this builds the text
-    config's causal LM on the meta device and puts the MLLM's decoder (`get_decoder()`, e.g.
-    `model.model.language_model`) and `lm_head` in it.
-    """
-    from transformers import AutoModelForCausalLM
 
-    text_config = model.config.get_text_config()
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(text_config)
-    setattr(lm, lm.base_model_prefix, model.get_decoder())
-    lm.lm_head = model.lm_head
-    lm.generation_config = model.generation_config
-    return lm.eval()
+def mllm_renderer(processor: Any) -> Callable[[list[dict[str, str]]], str]:
+    """Messages -> prompt text through the MLLM processor's template, with no image."""
+    return partial(build_prompt, processor, add_generation_prompt=True, has_image=False)
 
 
 def make_rewriter(
@@ -212,13 +206,11 @@ def make_rewriter(
     if config.kind == "endpoint":
         return EndpointRewriter(config)
     if config.kind == "self":
-        tokenizer = getattr(processor, "tokenizer", processor)
-        template = tokenizer.chat_template or getattr(processor, "chat_template", None)
         if isinstance(generator, VllmGenerator):
             backend: Generator = generator  # the engine continues the text prompts too
         else:
-            backend = TransformersGenerator(causal_lm_from_mllm(model), tokenizer, batch_size)
-        return LMRewriter(config, backend, tokenizer, template, name=model_config.name_or_path)
+            backend = TransformersGenerator(model, processor, batch_size)
+        return LMRewriter(config, backend, mllm_renderer(processor), name=model_config.name_or_path)
     lm, tokenizer = load_causal_lm(config.model, model_config.dtype, model_config.device)
     backend = TransformersGenerator(lm, tokenizer, batch_size)
-    return LMRewriter(config, backend, tokenizer, name=config.model)
+    return LMRewriter(config, backend, template_renderer(tokenizer), name=config.model)

@@ -1,6 +1,6 @@
-"""Tiny models of a second family, Idefics3 (SmolVLM), built from a config for tests.
+"""Tiny Idefics3 (SmolVLM) and SmolVLM2 models, built from a config for tests.
 
-The first family is LLaVA (`bpo.models.tiny`). Idefics3 is the architecture of SmolVLM
+Idefics3 is the architecture of SmolVLM
 (`HuggingFaceTB/SmolVLM-*-Instruct` load as `Idefics3ForConditionalGeneration`): a SigLIP-style
 vision tower, a pixel-shuffle connector (`scale_factor**2` patches become one image token) and a
 Llama text model with ordinary 1-D rotary positions. Its processor differs from LLaVA's where
@@ -11,6 +11,10 @@ pixel tensor is 5-D `(B, images, C, H, W)` with a `pixel_attention_mask`, and tu
 
 Image splitting is off: every image is resized to one `image_size` square, so each row holds
 exactly one image and `config.num_image_tokens` image tokens.
+
+SmolVLM2 (`HuggingFaceTB/SmolVLM2-*-Instruct`, model type `smolvlm`) is the same design under its
+own classes (`SmolVLMForConditionalGeneration`, `SmolVLMProcessor` with a video processor); its
+processor needs the `num2words` package (transformers raises without it, for video prompts).
 """
 
 from __future__ import annotations
@@ -24,16 +28,22 @@ from transformers import (
     Idefics3ForConditionalGeneration,
     Idefics3Processor,
     PreTrainedTokenizerFast,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMProcessor,
 )
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
+from bpo.models.load import processor_from_parts
 from bpo.models.tiny import (
     init_tiny_model,
     save_tiny_llava,
     tiny_text_config,
     train_bpe_tokenizer,
 )
+from bpo.models.tiny_families.common import TinySizes, video_processor
 
 IDEFICS3_BOS = "<|im_start|>"
 IDEFICS3_EOS = "<end_of_utterance>"
@@ -47,6 +57,16 @@ IDEFICS3_CHAT_TEMPLATE = (
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
     "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+# SmolVLM2-Instruct's chat template, verbatim (transformers' smolvlm DEFAULT_CHAT_TEMPLATE):
+# SmolVLM's above with a `<video>` part besides `<image>`.
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}{% endfor %}"
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 # The template's role words as it writes them (at a line's start), added to the tokenizer's corpus
@@ -161,3 +181,77 @@ def save_tiny_idefics3(
 ) -> Path:
     """Save model (safetensors) and processor so `from_pretrained(out_dir)` loads them offline."""
     return save_tiny_llava(model, processor, out_dir, config)  # nothing in it is LLaVA-specific
+
+
+def _config(sizes: TinySizes | None) -> TinyIdefics3Config:
+    """The default tiny Idefics3 config with room for the families' longest prompts, or one at
+    `sizes` (key/value heads = query heads, as in every tiny Idefics3)."""
+    default = TinyIdefics3Config(max_position_embeddings=512)
+    if sizes is None:
+        return default
+    return TinyIdefics3Config(
+        image_size=sizes.image_size or default.image_size,
+        patch_size=sizes.patch_size or default.patch_size,
+        vision_hidden_size=sizes.vision_hidden,
+        vision_layers=sizes.vision_layers,
+        vision_heads=sizes.vision_heads,
+        vision_intermediate_size=sizes.vision_intermediate,
+        text_hidden_size=sizes.text_hidden,
+        text_layers=sizes.text_layers,
+        text_heads=sizes.text_heads,
+        text_intermediate_size=sizes.text_intermediate,
+        max_position_embeddings=sizes.max_positions,
+    )
+
+
+def build_idefics3(
+    texts: Iterable[str], seed: int = 0, sizes: TinySizes | None = None
+) -> tuple[Idefics3ForConditionalGeneration, Idefics3Processor]:
+    """The default tiny Idefics3 with room for the families' longest prompts (with `sizes`:
+    (image_size / patch_size / 2)**2 image tokens)."""
+    return build_tiny_idefics3(texts, _config(sizes), seed=seed)
+
+
+def build_smolvlm(
+    texts: Iterable[str], seed: int = 0, sizes: TinySizes | None = None
+) -> tuple[SmolVLMForConditionalGeneration, SmolVLMProcessor]:
+    """A tiny SmolVLMForConditionalGeneration at the default Idefics3 sizes: 4 image tokens."""
+    config = _config(sizes)
+    tokenizer = build_idefics3_tokenizer(texts, config.vocab_size)
+    image_processor = SmolVLMImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": config.image_size},
+        max_image_size={"longest_edge": config.image_size},
+        image_mean=list(config.image_mean),
+        image_std=list(config.image_std),
+    )
+    videos = video_processor(
+        "SmolVLMVideoProcessor",
+        size={"longest_edge": config.image_size},
+        max_image_size={"longest_edge": config.image_size},
+    )
+    processor = processor_from_parts(
+        SmolVLMProcessor,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=videos,
+        image_seq_len=config.num_image_tokens,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
+    )
+    vision = {
+        "hidden_size": config.vision_hidden_size,
+        "intermediate_size": config.vision_intermediate_size,
+        "num_hidden_layers": config.vision_layers,
+        "num_attention_heads": config.vision_heads,
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+    }
+    smolvlm = SmolVLMConfig(
+        vision_config=vision,
+        text_config=tiny_text_config(config, tokenizer).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=config.scale_factor,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = init_tiny_model(SmolVLMForConditionalGeneration, smolvlm, tokenizer, seed)
+    return model, processor
