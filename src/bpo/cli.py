@@ -7,6 +7,12 @@ schema from YAML. `bpo VERB --print_config` prints a complete YAML to start from
 A recipe (configs/llava-1.5-7b-bpo.yaml) holds the configs of the stages side by side, under
 `bootstrap:`, `train:` and `eval:`; `bpo bootstrap|refs|train|eval --recipe FILE` reads the verb's
 section as its `--config`, and flags after it override it.
+
+Errors: the console script (`run`) prints a mistake in the input (a bad setting, a missing file,
+a store made with another config; `is_user_error` says which errors count) as one line,
+`bpo VERB: error: MESSAGE`, with exit status 2, as argparse does for a bad command line; a bug
+keeps its traceback (exit status 1), and `BPO_DEBUG=1` shows the traceback of every error.
+`main` lets every exception through, for Python callers.
 """
 
 from __future__ import annotations
@@ -90,8 +96,11 @@ def shapeworld(
     import numpy as np
 
     from bpo.shapeworld.export import write_llava_dataset
-    from bpo.shapeworld.world import sample_scene
+    from bpo.shapeworld.world import check_world, sample_scene
 
+    check_world(world)
+    if scenes < 1:  # 0 or fewer wrote an empty dataset that every later stage read as valid
+        raise ValueError(f"--scenes is {scenes}; write at least 1 scene")
     rng = np.random.default_rng(seed)
     sampled = [sample_scene(rng, world) for _ in range(scenes)]
     path = write_llava_dataset(sampled, world, out, seed=seed, with_questions=questions)
@@ -129,34 +138,60 @@ def compare(runs: list[Path]) -> None:
 
 
 def export(
-    pairs: Path, out: Path, image_root: Path | None = None, format: Literal["trl"] = "trl"
+    pairs: Path,
+    out: Path,
+    image_root: Path | None = None,
+    format: Literal["trl"] = "trl",
+    allow_incomplete: bool = False,
 ) -> None:
     """Write a pair store in another trainer's format (TRL: prompt/chosen/rejected/images).
+
+    Only images under the image root that decode are exported; a pair whose image is not is
+    left out, counted in the printed `bad_pairs`/`bad_reasons` (the first 20 named on stderr).
 
     Args:
         pairs: the pair store (a `bpo bootstrap` output folder).
         out: where to save the dataset (`datasets.load_from_disk(out)` reads it).
-        image_root: the folder the pairs' image paths are relative to.
+        image_root: the folder the pairs' image paths are relative to (default: the one the
+            store's manifest records).
         format: the target format.
+        allow_incomplete: export a store whose bootstrap did not finish (manifest complete: false).
     """
     from bpo.data.export import export_trl
+    from bpo.utils.console import console
 
-    rows = export_trl(pairs, out, image_root)
-    print(json.dumps({"format": format, "rows": rows, "out": str(out)}))
+    summary = export_trl(pairs, out, image_root, allow_incomplete, log=console.log)
+    print(json.dumps({"format": format, **summary, "out": str(out)}))
 
 
-def view(pairs: Path, out: Path | None = None, image_root: Path | None = None, limit: int = 500):
+def view(
+    pairs: Path,
+    out: Path | None = None,
+    image_root: Path | None = None,
+    limit: int = 500,
+    allow_incomplete: bool = False,
+):
     """Write a static HTML page showing pairs side by side (image, prompt, chosen, rejected).
 
     Args:
         pairs: the pair store.
         out: the HTML file (default PAIRS/pairs.html).
-        image_root: the folder the pairs' image paths are relative to (images are embedded).
-        limit: how many pairs to show.
+        image_root: the folder the pairs' image paths are relative to (images are embedded;
+            default: the one the store's manifest records).
+        limit: how many pairs to show (at least 1).
+        allow_incomplete: show a store whose bootstrap did not finish (manifest complete: false).
     """
     from bpo.report.viewer import write_pair_viewer
+    from bpo.utils.console import console
 
-    path = write_pair_viewer(pairs, out or Path(pairs) / "pairs.html", image_root, limit)
+    path = write_pair_viewer(
+        pairs,
+        out or Path(pairs) / "pairs.html",
+        image_root,
+        limit,
+        allow_incomplete,
+        log=console.log,
+    )
     print(json.dumps({"html": str(path)}))
 
 
@@ -192,17 +227,22 @@ def bootstrap(
     console.print(f"wrote {run.out} in {time.time() - started:.0f}s")
 
 
-def merge(out: Path, shards: list[Path], overwrite: bool = False) -> None:
+def merge(
+    out: Path, shards: list[Path], overwrite: bool = False, allow_incomplete: bool = False
+) -> None:
     """Merge the stores of a sharded `bpo bootstrap` run into one (configs must match).
 
     Args:
         out: the merged store's folder.
         shards: the shard stores' folders.
         overwrite: replace an existing store in OUT.
+        allow_incomplete: merge shards whose run did not finish, or an incomplete set of shards.
     """
     from bpo.bootstrap.run import merge_bootstrap_stores
 
-    manifest = merge_bootstrap_stores(shards, out, overwrite=overwrite)
+    manifest = merge_bootstrap_stores(
+        shards, out, overwrite=overwrite, allow_incomplete=allow_incomplete
+    )
     print(json.dumps({"out": str(out), "counts": manifest["counts"]}))
 
 
@@ -342,25 +382,92 @@ def _recipe_section(path: Path, verb: str, section: str) -> dict:
     return recipe[section]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `bpo` console script."""
+def _verbs() -> dict:
+    return {
+        "demo": demo,
+        "shapeworld": shapeworld,
+        "eval": evaluate,
+        "compare": compare,
+        "bootstrap": bootstrap,
+        "merge": merge,
+        "refs": refs,
+        "train": train,
+        "export": export,
+        "view": view,
+    }
+
+
+def main(argv: list[str] | None = None, exit_on_error: bool = True) -> None:
+    """Run one verb; every error propagates (Python callers, tests). The console script is `run`.
+
+    exit_on_error: False makes a command-line mistake (unknown flag, a bad value's type, a
+        missing `--config` file) raise argparse.ArgumentError instead of printing the usage.
+    """
     auto_cli(
-        {
-            "demo": demo,
-            "shapeworld": shapeworld,
-            "eval": evaluate,
-            "compare": compare,
-            "bootstrap": bootstrap,
-            "merge": merge,
-            "refs": refs,
-            "train": train,
-            "export": export,
-            "view": view,
-        },
+        _verbs(),
         args=_compare_args(_recipe_args(list(argv if argv is not None else sys.argv[1:]))),
-        description="bpo: Bootstrapped Preference Optimization for multimodal LLMs.",
+        description="bpo: Bootstrapped Preference Optimization for multimodal LLMs. "
+        "A mistake in the input is printed as one line (exit status 2); BPO_DEBUG=1 shows its "
+        "traceback.",
+        exit_on_error=exit_on_error,
     )
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The `bpo` console script: `main`, with a user's error as one line on stderr (exit 2).
+
+    Bugs (see `is_user_error`) keep their traceback (exit 1), and BPO_DEBUG=1 keeps it for all.
+    """
+    args = list(argv if argv is not None else sys.argv[1:])
+    if os.environ.get("BPO_DEBUG", "") not in ("", "0"):
+        main(args)
+        return
+    from argparse import ArgumentError
+
+    try:
+        main(args, exit_on_error=False)
+    except Exception as error:
+        if not (isinstance(error, ArgumentError) or is_user_error(error)):
+            raise
+        verb = next((a for a in args if a in _verbs()), None)
+        prog = f"bpo {verb}" if verb else "bpo"
+        # jsonargparse indents the details of a type error on further lines: one line here.
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"{prog}: error: {message or type(error).__name__}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` is the user's to fix (printed as one line) rather than a bug (a traceback).
+
+    - An exception type bpo defines (StoreError, ConfigMismatchError, DirectoryBusyError,
+      EncodeError, UnsupportedModelError, EndpointError, VllmUnavailableError, ...): each is
+      raised with a message that names the record, the file or the fix.
+    - An OSError: a missing or unreadable file, a full disk, a refused connection; the state of
+      the machine, whichever library noticed it.
+    - A ValueError that a `raise` statement in bpo's own code raised: the config checks. Not any
+      ValueError: numpy, torch and transformers raise it for shapes and arguments a caller got
+      wrong, and Python for `a, b = x` or `int("x")` in our code; those are bugs' symptoms.
+    """
+    if type(error).__module__.split(".")[0] == "bpo" or isinstance(error, OSError):
+        return True
+    return isinstance(error, ValueError) and _raised_by_bpo(error)
+
+
+def _raised_by_bpo(error: BaseException) -> bool:
+    """Whether the innermost frame of the traceback is a `raise` statement in a bpo module."""
+    import linecache
+
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = tb.tb_frame
+    if frame.f_globals.get("__name__", "").split(".")[0] != "bpo":
+        return False
+    return linecache.getline(frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise")
+
+
 if __name__ == "__main__":
-    main()
+    run()

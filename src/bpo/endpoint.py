@@ -1,12 +1,17 @@
 """The OpenAI-compatible chat client every stage that asks an LLM shares: judges and rewriters.
 
 The endpoint is whatever serves `POST {base_url}/chat/completions`: OpenAI, a local vLLM server,
-`transformers serve`. The client keeps at most `concurrency` requests in flight, retries 429, 5xx
-and network errors with exponential backoff (honouring Retry-After), re-asks when a reply does
-not parse, and caches every parsed reply on disk under a hash of (model, messages), so a rerun
-never pays for the same reply twice. The API key is read from the environment variable the config
-names and is sent in the Authorization header only: it is never written anywhere, and replies or
-errors that echo it are redacted.
+`transformers serve`. The client keeps at most `concurrency` requests in flight, retries 429, 5xx,
+network errors and bad replies (not the chat completions format, content that is not text, too
+long, too slow) with exponential backoff (honouring Retry-After), re-asks when a reply does not
+parse, and caches every parsed reply on disk under a hash of (model, messages), so a rerun never
+pays for the same reply twice. The API key is read from the environment variable the config names
+and is sent in the Authorization header only: it is never written anywhere, and replies or errors
+that echo it, or any fragment of it, are redacted.
+
+A server can stall a request without ever breaking a read timeout (one byte a second) or send a
+reply of any size, so each request has a deadline for the whole exchange (`timeout_s`, enforced on
+every network wait by `_DeadlineBackend`) and a size limit (`max_reply_bytes`, read as a stream).
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ Messages = list[dict[str, str]]
 # (401 bad key, 404 unknown model, 400 bad request) will not change on a retry.
 RETRY_STATUSES = frozenset({408, 409, 429})
 CACHE_FILE = "replies.jsonl"
+SNIPPET = 300  # characters of a reply quoted in an error message
+# Any run of this many characters of the key is redacted wherever it appears: a reply cut at a
+# size limit, or a server that echoes part of the header, must not leak most of the key.
+KEY_FRAGMENT = 8
 
 
 @dataclass
@@ -52,7 +61,9 @@ class EndpointConfig:
     max_retries: int = 6  # per request, on 429/5xx/network errors
     backoff_s: float = 1.0  # first wait; doubles on each retry, plus up to 25% jitter
     max_backoff_s: float = 60.0
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # for the whole request: connecting, sending, the entire reply
+    # A longer reply is refused and retried, never kept (1 MiB: a judgment is a few hundred bytes).
+    max_reply_bytes: int = 1 << 20
     parse_retries: int = 2  # extra asks (each 0.5 warmer) when a reply does not parse
     # Folder of the reply cache; null: the stage's default (`judge_cache/` in an eval run's
     # output folder; no cache for a rewriter, whose replies are sampled).
@@ -61,6 +72,14 @@ class EndpointConfig:
 
 class EndpointError(RuntimeError):
     """The endpoint cannot be used: misconfigured, refusing, or down past the retries."""
+
+
+class _Retry(Exception):
+    """One attempt failed in a way a retry may fix: `reason` (redacted) says how."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
 
 
 @dataclass
@@ -73,6 +92,31 @@ class Reply:
     attempts: int  # requests made for it (0 when it came from the cache)
     cached: bool
     error: str | None = None
+
+
+def redact(text: str, key: str | None) -> str:
+    """`text` with every run of KEY_FRAGMENT or more characters of `key` (all of a shorter key)
+    replaced by ***."""
+    if not key:
+        return text
+    size = min(KEY_FRAGMENT, len(key))
+    spans = []
+    for gram in {key[i : i + size] for i in range(len(key) - size + 1)}:
+        start = text.find(gram)
+        while start != -1:
+            spans.append((start, start + size))
+            start = text.find(gram, start + 1)
+    merged: list[list[int]] = []  # overlapping or touching fragments become one ***
+    for start, stop in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    pieces, end = [], 0
+    for start, stop in merged:
+        pieces += [text[end:start], "***"]
+        end = stop
+    return "".join(pieces) + text[end:]
 
 
 def reply_key(model: str, messages: Messages) -> str:
@@ -139,6 +183,85 @@ def _retry_after(response: httpx2.Response) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
+class _Deadline(threading.local):
+    at: float | None = None  # monotonic time by which this thread's current request must end
+
+
+_DEADLINE = _Deadline()
+
+
+def _until_deadline(timeout: float | None) -> float | None:
+    """`timeout` cut to what is left of this thread's request deadline.
+
+    Never below 1 ms: a socket timeout of 0 would mean non-blocking, so a spent deadline makes
+    the wait time out at once instead.
+    """
+    if _DEADLINE.at is None:
+        return timeout
+    left = max(_DEADLINE.at - time.monotonic(), 1e-3)
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream:
+    """A connection whose every wait (connect, TLS, send, each read) ends by the deadline."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _until_deadline(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _until_deadline(timeout))
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout=None):
+        tls = self._stream.start_tls(ssl_context, server_hostname, _until_deadline(timeout))
+        return _DeadlineStream(tls)
+
+    def __getattr__(self, name: str) -> Any:  # close, get_extra_info
+        return getattr(self._stream, name)
+
+
+class _DeadlineBackend:
+    """httpcore2's network backend, opening `_DeadlineStream`s.
+
+    httpx2's timeout bounds each read, so a server sending a byte a second would hold a request
+    forever; bounding every wait by the request's deadline bounds the whole of it.
+    """
+
+    def __init__(self, backend: Any):
+        self._backend = backend
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, **kwargs: Any):
+        return _DeadlineStream(
+            self._backend.connect_tcp(host, port, _until_deadline(timeout), **kwargs)
+        )
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, **kwargs: Any):
+        stream = self._backend.connect_unix_socket(path, _until_deadline(timeout), **kwargs)
+        return _DeadlineStream(stream)
+
+    def __getattr__(self, name: str) -> Any:  # sleep
+        return getattr(self._backend, name)
+
+
+def _bound_by_deadlines(client: httpx2.Client) -> None:
+    """Route every connection `client` opens (directly or through a proxy) via _DeadlineBackend.
+
+    httpx2 takes no network backend, so this sets the one of each transport's connection pool; a
+    transport laid out otherwise fails here, loudly, rather than leaving requests unbounded.
+    """
+    for transport in {client._transport, *client._mounts.values()} - {None}:
+        pool = getattr(transport, "_pool", None)
+        if not hasattr(pool, "_network_backend"):
+            raise RuntimeError(
+                f"httpx2 {httpx2.__version__}: {transport!r} has no connection pool whose "
+                "network backend bpo.endpoint can bound by a deadline; pin the httpx2 version "
+                "this bpo was tested with"
+            )
+        pool._network_backend = _DeadlineBackend(pool._network_backend)
+
+
 class ChatClient:
     """Chat completions with retries, bounded concurrency and the reply cache.
 
@@ -159,6 +282,7 @@ class ChatClient:
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         self._url = config.base_url.rstrip("/") + "/chat/completions"
         self._http = httpx2.Client(headers=headers, timeout=config.timeout_s)
+        _bound_by_deadlines(self._http)
         directory = config.cache_dir if config.cache_dir is not None else cache_dir
         self.cache = ReplyCache(directory, cache_name)
         self.requests = 0  # requests sent, retries included
@@ -173,7 +297,12 @@ class ChatClient:
         self._http.close()
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        return redact(text, self._key)
+
+    def _name(self, messages: Messages) -> str:
+        """How an error names a request: its cache key and the end of its last message."""
+        tail = " ".join(str(messages[-1].get("content", "")).split()) if messages else ""
+        return f"request {reply_key(self.config.model, messages)[:12]} (...{tail[-60:]!r})"
 
     def _wait(self, attempt: int, retry_after: float | None) -> float:
         wait = self.config.backoff_s * 2**attempt * (1 + 0.25 * random.random())
@@ -182,7 +311,8 @@ class ChatClient:
         return min(wait, self.config.max_backoff_s)
 
     def complete(self, messages: Messages, temperature: float | None = None) -> str:
-        """The reply text to `messages`; retries 429/5xx/network errors, raises EndpointError after."""
+        """The reply text to `messages`; retries 429/5xx/network errors and bad replies, raises
+        EndpointError after."""
         body = {
             "model": self.config.model,
             "messages": messages,
@@ -191,43 +321,80 @@ class ChatClient:
         }
         last = ""
         for attempt in range(self.config.max_retries + 1):
-            retry_after = None
             self.requests += 1
             try:
-                response = self._http.post(self._url, json=body)
-            except httpx2.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            else:
-                if response.status_code == 200:
-                    return self._content(response)
-                snippet = self._redact(response.text[:300])
-                if response.status_code < 500 and response.status_code not in RETRY_STATUSES:
-                    raise EndpointError(
-                        f"endpoint {self._url} answered HTTP {response.status_code}: {snippet}; "
-                        f"check {self.section}.model ({self.config.model!r}), "
-                        f"{self.section}.base_url and the key in ${self.config.api_key_env}"
-                    )
-                last = f"HTTP {response.status_code}: {snippet}"
-                retry_after = _retry_after(response)
-            if attempt < self.config.max_retries:
-                time.sleep(self._wait(attempt, retry_after))
+                return self._attempt(body)
+            except _Retry as failure:
+                last = failure.reason
+                if attempt < self.config.max_retries:
+                    time.sleep(self._wait(attempt, failure.retry_after))
         raise EndpointError(
-            f"endpoint {self._url} failed {self.config.max_retries + 1} times (last: {last}); "
-            f"lower {self.section}.concurrency, raise {self.section}.max_retries, or check the "
-            "server. Replies received so far are cached: rerunning resumes."
+            f"endpoint {self._url} failed {self.config.max_retries + 1} times on "
+            f"{self._redact(self._name(messages))} (last: {last}); lower "
+            f"{self.section}.concurrency, raise {self.section}.max_retries, or check the server. "
+            "Replies received so far are cached: rerunning resumes."
         )
 
-    def _content(self, response: httpx2.Response) -> str:
+    def _attempt(self, body: dict[str, Any]) -> str:
+        """One request: the reply text; _Retry when a retry may do better, EndpointError when not."""
+        deadline = time.monotonic() + self.config.timeout_s
+        _DEADLINE.at = deadline
         try:
-            content = response.json()["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise EndpointError(
-                f"endpoint {self._url} answered 200 but not in the chat completions format "
-                f"({type(exc).__name__}): {self._redact(response.text[:300])}"
-            ) from exc
+            with self._http.stream("POST", self._url, json=body) as response:
+                data, whole = self._read_body(response)
+        except httpx2.RequestError as exc:  # network, protocol, timeout, undecodable body
+            if time.monotonic() >= deadline:
+                raise _Retry(
+                    f"no whole reply within {self.section}.timeout_s ({self.config.timeout_s} s)"
+                ) from None
+            raise _Retry(self._redact(f"{type(exc).__name__}: {exc}")) from None
+        finally:
+            _DEADLINE.at = None
+        # Redacted whole, then cut: a cut first would leave the part of the key before the cut.
+        text = self._redact(data.decode("utf-8", errors="replace"))
+        status = response.status_code
+        if status != 200:
+            if status < 500 and status not in RETRY_STATUSES:
+                raise EndpointError(
+                    f"endpoint {self._url} answered HTTP {status}: {text[:SNIPPET]}; "
+                    f"check {self.section}.model ({self.config.model!r}), "
+                    f"{self.section}.base_url and the key in ${self.config.api_key_env}"
+                )
+            raise _Retry(f"HTTP {status}: {text[:SNIPPET]}", _retry_after(response))
+        if not whole:
+            limit = self.config.max_reply_bytes
+            raise _Retry(f"a reply over {self.section}.max_reply_bytes ({limit} bytes)")
+        return self._content(data, text)
+
+    def _read_body(self, response: httpx2.Response) -> tuple[bytes, bool]:
+        """At most max_reply_bytes of the body, read as it streams in, and whether that is all."""
+        limit = self.config.max_reply_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return b"", False  # refused before reading any of it
+        body = bytearray()
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > limit:
+                return bytes(body[:limit]), False
+        return bytes(body), True
+
+    def _content(self, data: bytes, text: str) -> str:
+        """The message text of a 200 reply (`text`: the body, redacted); _Retry when there is none."""
+        try:
+            content = json.loads(data)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:
+            raise _Retry(
+                f"HTTP 200 but not in the chat completions format ({type(exc).__name__}): "
+                f"{text[:SNIPPET]}"
+            ) from None
+        if not isinstance(content, str):
+            # A number or an object is no reply text; null is no reply at all.
+            shown = self._redact(json.dumps(content, ensure_ascii=False))[:80]
+            raise _Retry(f"HTTP 200 but message.content is {shown}, not text")
         # A server that echoes the request (its headers included) must not put the key in a
         # cache, a judgments file or a pair store.
-        return self._redact(content or "")
+        return self._redact(content)
 
     def ask(self, messages: Messages, parse: Callable[[str], Any]) -> Reply:
         """Ask (or reuse the cached reply), parse; re-ask warmer while the reply does not parse.

@@ -3,6 +3,7 @@ shipped configs."""
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -78,7 +79,9 @@ BAD = [
     ({"num_shards": 2, "shard_index": 2}, r"shard_index must be in \[0, num_shards\)"),
     ({"batch_size": 0}, r"batch_size must be at least 1"),
     ({"chunk_size": 0}, r"chunk_size must be at least 1"),
-    ({"limit": -1}, r"limit must be >= 0 or null"),
+    ({"limit": -1}, r"limit must be at least 1 or null, got -1"),
+    ({"limit": 0}, r"limit must be at least 1 or null, got 0"),  # an empty store, "complete"
+    ({"model": ModelConfig("m", dtype="fp33")}, r"model\.dtype: unknown dtype 'fp33'"),
     ({"backend": "tgi"}, r"unknown generation backend 'tgi'"),
 ]
 
@@ -192,3 +195,114 @@ def test_an_endpoint_rewriter_without_its_key_and_unknown_choices_stop_before_an
     with pytest.raises(ValueError, match=r"inject\.kind 'lexcal' is unknown; use one of lexical"):
         check_config(config_in(tmp_path, inject=inject(kind="lexcal")))
     assert not (tmp_path / "out").exists()
+
+
+def write_data(folder: Path, records: list) -> Path:
+    """A LLaVA file of `records` beside an image folder holding one real PNG, a.png."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(folder / "images" / "a.png")
+    path = folder / "data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+ONE_RECORD = {
+    "id": "a",
+    "image": "a.png",
+    "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image."},
+        {"from": "gpt", "value": "a red circle."},
+    ],
+}
+
+
+def real_model_config(tmp_path: Path, tiny_llava_folder: Path, **changes) -> BootstrapConfig:
+    """A config that passes the model family check (a real model folder) and reads real data."""
+    config = BootstrapConfig(
+        model=ModelConfig(str(tiny_llava_folder), dtype="float32", device="cpu"),
+        data=str(write_data(tmp_path, [ONE_RECORD])),
+        image_root=str(tmp_path / "images"),
+        out=str(tmp_path / "out"),
+        inject=InjectConfig(kind="lexical", vocabulary="shapeworld"),
+    )
+    return replace(config, **changes)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"dtype": "float33"}, r"model\.dtype: unknown dtype 'float33'; use 'auto' or one of"),
+        ({"device": "gpu"}, r"model\.device 'gpu' is not a device"),
+        pytest.param(
+            {"device": "cuda"},
+            r"model\.device 'cuda' but torch sees no CUDA device",
+            marks=pytest.mark.skipif(
+                __import__("torch").cuda.is_available(), reason="a CUDA device is here"
+            ),
+        ),
+    ],
+)
+def test_model_settings_are_refused_before_the_store_records_them(
+    tmp_path, tiny_llava_folder, model, message
+):
+    """A dtype or device the loader would refuse used to fail after the store was created with
+    it recorded, so the corrected rerun was refused as a config mismatch."""
+    config = real_model_config(tmp_path, tiny_llava_folder)
+    config = replace(config, model=replace(config.model, **model))
+    with pytest.raises(ValueError, match=message):
+        run_bootstrap(config, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"data": "no-data.json"}, FileNotFoundError, r"LLaVA data file no-data\.json not found"),
+        ({"image_root": "no-images"}, FileNotFoundError, r"--image-root no-images is not a dir"),
+    ],
+)
+def test_missing_data_is_refused_before_the_store_opens(
+    tmp_path, tiny_llava_folder, changes, error, message
+):
+    """Without a progress bar the data file was first read after the store was created and the
+    model loaded; the image root was first checked there in every run."""
+    config = real_model_config(tmp_path, tiny_llava_folder, **changes)
+    with pytest.raises(error, match=message):
+        run_bootstrap(config, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([], r"data\.json holds no samples to bootstrap from; check the file"),
+        (
+            [{"id": "a", "conversations": []}],
+            r"data\.json has no usable sample: all 1 records are bad, e\.g\. .*record 1 \(id=a\): "
+            r"no turns",
+        ),
+    ],
+)
+@pytest.mark.parametrize("progress", [False, True])
+def test_a_dataset_with_no_usable_samples_is_refused(
+    tmp_path, tiny_llava_folder, records, message, progress
+):
+    """An empty (or all-bad) file used to give a `complete` store of 0 pairs."""
+    config = real_model_config(tmp_path, tiny_llava_folder)
+    write_data(tmp_path, records)
+    with pytest.raises(ValueError, match=message):
+        run_bootstrap(config, progress=progress)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_without_samples_of_a_file_with_some_still_runs(tmp_path, tiny_llava_folder):
+    """1 sample, 2 shards: shard 1 makes an empty, complete store, which the merge of all the
+    shards needs (it refuses a set with a shard missing)."""
+    from bpo.data import read_manifest
+
+    config = real_model_config(tmp_path, tiny_llava_folder, num_shards=2, shard_index=1)
+    run_bootstrap(config, progress=False)
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["complete"] is True and manifest["counts"]["pairs"] == 0

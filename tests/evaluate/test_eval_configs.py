@@ -45,3 +45,26 @@ def test_an_unknown_key_is_refused(tmp_path):
     parser.add_argument("--run", type=EvalConfig)
     with pytest.raises(Exception, match="splitt"):
         parser.parse_path(str(path))
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"dtype": "float33"}, r"model\.dtype: unknown dtype 'float33'; use 'auto' or one of"),
+        ({"device": "gpu"}, r"model\.device 'gpu' is not a device"),
+    ],
+)
+def test_model_settings_are_refused_before_answers_are_stored(tmp_path, model, message):
+    """The loader used to refuse them at the first generation, after answers.meta.json had
+    recorded the model's settings, so the corrected rerun met "other settings" there."""
+    from bpo.cli import main
+    from bpo.evaluate.run import run_eval
+
+    main(["shapeworld", "--out", str(tmp_path / "sw"), "--scenes", "2", "--questions", "false"])
+    bench = BenchmarkConfig(name="shapeworld_chair", data=str(tmp_path / "sw"))
+    config = EvalConfig(benchmarks=[bench], model=ModelConfig("no-such/model", **model))
+    with pytest.raises(ValueError, match=message):
+        check_config(config)
+    with pytest.raises(ValueError, match=message):
+        run_eval(config, tmp_path / "eval", log=lambda _msg: None, progress=False)
+    assert not (tmp_path / "eval").exists()

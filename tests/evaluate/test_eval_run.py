@@ -474,3 +474,25 @@ def test_damaged_lines_are_named_by_file_and_line(benchmarks, tmp_path):
         ValueError, match=r"coco_pope_adversarial\.json line 3: not valid JSON .*; fix or drop"
     ):
         run_eval(config, tmp_path / "run2", log=lambda _: None)
+
+
+def test_a_second_run_into_one_out_is_refused_naming_the_first(benchmarks, tmp_path):
+    """Two `bpo eval` into one --out wrote every answer twice. While one holds OUT (here the
+    test, through the same lock) the other stops before answering anything, naming the holder;
+    once it is released the run goes through."""
+    from bpo.data.files import DirectoryBusyError
+    from bpo.train.outputs import lock_output
+
+    answers = str(benchmarks["answers_pope"])
+    config = EvalConfig(
+        benchmarks=[
+            BenchmarkConfig(name="pope", data=str(benchmarks["root"] / "pope"), answers=answers)
+        ]
+    )
+    out = tmp_path / "run"
+    with lock_output(out, "bpo eval"):
+        with pytest.raises(DirectoryBusyError, match=r"held by `bpo eval` \(pid \d+ on "):
+            run_eval(config, out, log=lambda _: None)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    results = run_eval(config, out, log=lambda _: None)
+    assert "pope" in results["benchmarks"] and (out / "results.json").is_file()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from bpo.bootstrap.noise import NUM_STEPS, SCHEDULES
 from bpo.endpoint import EndpointConfig, read_api_key
 from bpo.generate.config import Backend, VllmConfig, check_backend
+from bpo.models.devices import check_model
 from bpo.models.load import ModelConfig
 
 EDIT_TYPES = (
@@ -174,8 +175,9 @@ def check_config(config: BootstrapConfig) -> None:
     for name in ("batch_size", "chunk_size", "shard_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if config.limit is not None and config.limit < 0:
-        raise ValueError(f"limit must be >= 0 or null, got {config.limit}")
+    if config.limit is not None and config.limit < 1:  # 0 made an empty store marked complete
+        raise ValueError(f"limit must be at least 1 or null, got {config.limit}")
+    check_model(config.model)
     if config.weaken is None and config.inject is None:
         raise ValueError("both methods are off (weaken: null, inject: null); enable one")
     if config.weaken is not None:

@@ -21,14 +21,17 @@ with the same noise, keys and record format. The two backends sample the same di
 not the same tokens, so the store records the backend and refuses to resume one backend's store
 with the other.
 
-Memory stays flat: samples are read one at a time and processed `chunk_size` at a time; only the
-store's key sets and a histogram of lengths grow, by a few bytes a pair.
+Memory stays flat: samples are read one at a time and processed `chunk_size` at a time, their
+images decoded `batch_size` at a time (each batch's let go before the next is decoded, so a chunk
+of large images never sits in memory at once); only the store's key sets, the reader's ids and a
+histogram of lengths grow, by a few bytes a pair.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +138,8 @@ def _shard_samples(
 
 def _record_id(sample: Sample) -> str:
     """The id of the record a sample came from (a multi-turn record's samples add `#turn{k}`)."""
+    if sample.record_id is not None:
+        return sample.record_id  # set by the readers: a record's own id may end in `#turn0`
     suffix = f"#turn{sample.meta.get('turn')}"
     return sample.id[: -len(suffix)] if sample.id.endswith(suffix) else sample.id
 
@@ -142,7 +147,8 @@ def _record_id(sample: Sample) -> str:
 def _load_images(items: list[_Item], image_root: Path, report: Callable) -> list[_Item]:
     """The items whose image loads (or that have none); a bad image is reported and dropped.
 
-    The turns of one record share its image: it is decoded once, and reported once, by record.
+    The turns of one record share its image: it is decoded once per call, and reported by record
+    (a record whose turns straddle two batches is decoded twice, and counted once by the store).
     """
     kept, cache = [], {}
     for item in items:
@@ -261,9 +267,24 @@ class _Bootstrapper:
             return f"{length}: below weaken.min_length_ratio {weaken.min_length_ratio}"
         return None
 
-    def process(self, items: list[_Item]) -> Iterator[PreferencePair | BadRecord]:
-        """This chunk's pairs and rejects, in (global index, source, sample index) order."""
-        candidates = self._weakened(items) + self._injected(items)
+    def process(
+        self, items: list[_Item], load: Callable[[list[_Item]], list[_Item]]
+    ) -> Iterator[PreferencePair | BadRecord]:
+        """This chunk's pairs and rejects, in (global index, source, sample index) order.
+
+        load: decodes a batch's images into its items, dropping (and reporting) those whose image
+            fails. The chunk is loaded and weakened `batch_size` items at a time and each batch's
+            images are let go before the next batch is decoded: the decoded images in memory are
+            one batch's, not the chunk's.
+        """
+        kept, candidates = [], []
+        for start in range(0, len(items), self.config.batch_size):
+            batch = load(items[start : start + self.config.batch_size])
+            candidates += self._weakened(batch)
+            for item in batch:
+                item.image = None  # the candidates keep their item; they need no pixels
+            kept += batch
+        candidates += self._injected(kept)
         candidates.sort(key=lambda c: (c.item.index, c.source, c.sample_index))
         chosen_tokens: dict[int, int] = {}
         for c in candidates:
@@ -324,6 +345,25 @@ def _count_shard_samples(config: BootstrapConfig) -> int:
     return sum(1 for _ in _shard_samples(records, config, lambda _bad: None))
 
 
+def _check_data(data: Path, image_root: Path) -> None:
+    """Fail before the store exists on a missing data file or image root, or on a file without
+    one usable sample (it made a store of 0 pairs marked complete); reads to the first sample.
+
+    A shard that gets none of a file's samples is not refused: the merge of all the shards
+    needs its empty store.
+    """
+    bad, first = 0, None
+    for record in read_llava(data, image_root, check_images=False):
+        if not isinstance(record, BadRecord):
+            return
+        bad, first = bad + 1, first or record
+    if first is None:
+        raise ValueError(f"{data} holds no samples to bootstrap from; check the file")
+    raise ValueError(
+        f"{data} has no usable sample: all {bad} records are bad, e.g. {first.message}"
+    )
+
+
 def run_bootstrap(
     config: BootstrapConfig,
     overwrite: bool = False,
@@ -353,6 +393,7 @@ def run_bootstrap(
         )
     data = Path(config.data)
     image_root = Path(config.image_root) if config.image_root else data.parent
+    _check_data(data, image_root)
     total = _count_shard_samples(config) if progress else 0
     with PairWriter(
         config.out, store_config(config), shard_size=config.shard_size, overwrite=overwrite
@@ -368,15 +409,16 @@ def run_bootstrap(
                 f"resuming {writer.out_dir}: {len(writer.done_keys)} pairs, {len(rejected)} rejects"
             )
         bootstrapper = _Bootstrapper(config, *_backend(config, model_and_processor, engine_factory))
-        # Images are loaded here, in the chunk, not by the reader: each is decoded once.
+        # Images are decoded here, a batch at a time, not by the reader: each is decoded once.
         records = read_llava(data, image_root, check_images=False)
         try:
             with progress_bar("bootstrap", total, enabled=progress) as advance:
                 chunk: list[_Item] = []
 
+                load = partial(_load_images, image_root=image_root, report=writer.report_bad)
+
                 def flush() -> None:
-                    loaded = _load_images(chunk, image_root, writer.report_bad)
-                    for out in bootstrapper.process(loaded):
+                    for out in bootstrapper.process(chunk, load):
                         if isinstance(out, BadRecord):
                             writer.report_bad(out)
                         else:
@@ -405,10 +447,17 @@ def run_bootstrap(
 
 
 def merge_bootstrap_stores(
-    shard_dirs: list[str | Path], out: str | Path, overwrite: bool = False
+    shard_dirs: list[str | Path],
+    out: str | Path,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
 ) -> dict[str, Any]:
-    """`merge_stores` over the shards of a bootstrap run, then the merged length distributions."""
-    manifest = merge_stores(shard_dirs, out, overwrite=overwrite)
+    """`merge_stores` over the shards of a bootstrap run, then the merged length distributions.
+
+    Args:
+        allow_incomplete: merge shards whose run did not finish, or an incomplete set of shards.
+    """
+    manifest = merge_stores(shard_dirs, out, overwrite=overwrite, allow_incomplete=allow_incomplete)
     with PairWriter(out, manifest["config"], shard_size=manifest["shard_size"]) as writer:
         finalize_stats(writer)
     return read_manifest(out)

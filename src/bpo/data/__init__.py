@@ -1,19 +1,23 @@
-"""The data layer: readers for SFT data, the pair schema, the sharded resumable pair store, the
-shared file handling (`files`: JSON Lines, atomic writes, locks) and the object vocabularies
-(`vocab`)."""
+"""The data layer: readers for SFT data, the pair schema, the sharded resumable pair store and
+its merge, safe image loading (`images`), the shared file handling (`files`: JSON Lines, atomic
+writes, locks) and the object vocabularies (`vocab`)."""
 
 from bpo.data.hf import read_hf_dataset
 from bpo.data.images import (
     CorruptImageError,
     ImageError,
     ImagePathError,
+    ImageTooLargeError,
+    InvalidImagePathError,
     MissingImageError,
     check_image,
     load_image,
     load_image_bytes,
+    max_image_pixels,
     resolve_image_path,
 )
 from bpo.data.llava import read_llava, split_records
+from bpo.data.merge import merge_stores
 from bpo.data.records import (
     IMAGE_PLACEHOLDER,
     REASONS,
@@ -29,7 +33,8 @@ from bpo.data.store import (
     DuplicateKeyError,
     PairWriter,
     StoreError,
-    merge_stores,
+    image_root_for,
+    open_store,
     read_bad_records,
     read_manifest,
     read_pairs,
@@ -45,15 +50,20 @@ __all__ = [
     "DuplicateKeyError",
     "ImageError",
     "ImagePathError",
+    "ImageTooLargeError",
+    "InvalidImagePathError",
     "MissingImageError",
     "PairWriter",
     "PreferencePair",
     "Sample",
     "StoreError",
     "check_image",
+    "image_root_for",
     "load_image",
     "load_image_bytes",
+    "max_image_pixels",
     "merge_stores",
+    "open_store",
     "pair_key",
     "read_bad_records",
     "read_hf_dataset",

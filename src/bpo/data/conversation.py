@@ -156,6 +156,63 @@ def check_placeholders(messages: list[dict[str, str]], has_image: bool, require:
         )
 
 
+def sample_ids(record_id: str, messages: list[dict[str, str]]) -> list[str]:
+    """The ids of a record's samples: the record id, or `{id}#turn{k}` for each of several turns."""
+    answers = sum(m["role"] == "assistant" for m in messages)
+    return [f"{record_id}#turn{k}" for k in range(answers)] if answers > 1 else [record_id]
+
+
+class SeenIds:
+    """The record ids and sample ids a reader has given out, so a repeat of either is caught.
+
+    The store keys pairs by sample id, so two records whose samples share an id (a record named
+    `x#turn0` beside a two-turn record `x`) would lose one record's pairs however their record
+    ids differ. Each id maps to where it was read, so the error names both records.
+
+    Args:
+        unit: how the readers' positions count ("line", "record" or "row").
+    """
+
+    def __init__(self, unit: str) -> None:
+        self.unit = unit
+        # id -> position. Positions only, not the owners' ids: these grow with the data set.
+        self.records: dict[str, int] = {}
+        self.samples: dict[str, int] = {}
+
+    def claim_record(self, record_id: str, position: int) -> None:
+        """RecordError (duplicate_id) if the record id was read before; else remember it."""
+        if record_id in self.records:
+            raise RecordError(
+                "duplicate_id",
+                f"this id appeared earlier ({self.unit} {self.records[record_id]}); ids must be "
+                "unique",
+            )
+        self.records[record_id] = position
+
+    def _owner(self, sample_id: str, position: int) -> str:
+        """The id of the record at `position` that gave `sample_id`."""
+        # A one-answer record's sample id is its own id (read at that position); otherwise the
+        # sample id is the record's id plus `#turn{k}`.
+        if self.records.get(sample_id) == position:
+            return sample_id
+        return sample_id.rpartition("#turn")[0]
+
+    def claim_samples(self, ids: list[str], position: int) -> None:
+        """RecordError (duplicate_sample_id) if a sample id was given out before; else keep them."""
+        for sample_id in ids:
+            if sample_id in self.samples:
+                where = self.samples[sample_id]
+                raise RecordError(
+                    "duplicate_sample_id",
+                    f"its sample id '{sample_id}' is also a sample id of {self.unit} {where} "
+                    f"(id={self._owner(sample_id, where)}), and pairs are keyed by sample id (a "
+                    "record with several answers gives '<id>#turn<k>'), so one record's pairs "
+                    "would be lost; rename one of the two records",
+                )
+        for sample_id in ids:
+            self.samples[sample_id] = position
+
+
 def to_samples(
     sample_id: str,
     messages: list[dict[str, str]],
@@ -163,21 +220,26 @@ def to_samples(
     meta: dict[str, Any],
     pil_image: Any = None,
 ) -> list[Sample]:
-    """One Sample per assistant turn, with every earlier turn as context."""
+    """One Sample per assistant turn, with every earlier turn as context.
+
+    Args:
+        sample_id: the record's id; the samples' ids are `sample_ids(sample_id, messages)`.
+    """
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    multi = len(answers) > 1
+    ids = sample_ids(sample_id, messages)
     samples = []
     for k, position in enumerate(answers):
         context = [dict(m) for m in messages[:position]]
         samples.append(
             Sample(
-                id=f"{sample_id}#turn{k}" if multi else sample_id,
+                id=ids[k],
                 image=image,
                 messages=context,
                 answer=messages[position]["content"],
                 has_image_placeholder=count_placeholders(context) > 0,
                 meta={**meta, "turn": k},
                 pil_image=pil_image,
+                record_id=sample_id,
             )
         )
     return samples

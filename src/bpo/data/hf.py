@@ -11,13 +11,21 @@ from PIL import Image
 
 from bpo.data.conversation import (
     RecordError,
+    SeenIds,
     bad_record,
     check_placeholders,
     parse_conversation,
     record_id,
+    sample_ids,
     to_samples,
 )
-from bpo.data.images import ImageError, check_image, load_image_bytes, resolve_image_path
+from bpo.data.images import (
+    ImageError,
+    check_image,
+    check_image_size,
+    load_image_bytes,
+    resolve_image_path,
+)
 from bpo.data.records import BadRecord, Sample
 
 
@@ -61,6 +69,7 @@ def _row_image(value: Any, image_root: Path | None, check_images: bool) -> tuple
             )
         return _row_image(value[0] if value else None, image_root, check_images)
     if isinstance(value, Image.Image):
+        check_image_size(value.size, "<embedded image>")  # already decoded; bound its RGB copy
         return None, value.convert("RGB")
     if isinstance(value, dict) and value.get("bytes"):
         return None, load_image_bytes(value["bytes"], f"'{value.get('path') or '<bytes>'}'")
@@ -81,21 +90,18 @@ def _row_samples(
     image_root: Path | None,
     check_images: bool,
     require_placeholder: bool,
-    seen_ids: set[str],
+    seen_ids: SeenIds,
 ) -> list[Sample] | list[BadRecord]:
     image_column, messages_column, id_column = columns
     sample_id = None
     try:
         # A dataset without an id column gets row numbers, which are stable for a fixed dataset.
         sample_id = record_id(row[id_column]) if id_column in row else str(index)
-        if sample_id in seen_ids:
-            raise RecordError(
-                "duplicate_id", "this id appeared in an earlier row; ids must be unique"
-            )
-        seen_ids.add(sample_id)
+        seen_ids.claim_record(sample_id, index)
         messages = parse_conversation(row.get(messages_column))
         path, pil_image = _row_image(row.get(image_column), image_root, check_images)
         check_placeholders(messages, path is not None or pil_image is not None, require_placeholder)
+        seen_ids.claim_samples(sample_ids(sample_id, messages), index)
     except (RecordError, ImageError) as error:
         return [bad_record(name, index, "row", sample_id, error)]
     return to_samples(sample_id, messages, path, {"dataset": name, "row": index}, pil_image)
@@ -129,7 +135,9 @@ def read_hf_dataset(
     (`{"from", "value"}`); a `conversations` column is used when `messages_column` is absent.
     Embedded images (a `datasets.Image` column, PIL images, bytes) are decoded here and put in
     `Sample.pil_image` with `Sample.image = None`; string paths stay in `Sample.image` and are
-    checked like LLaVA paths. BadRecord.line is the 0-based row index.
+    checked like LLaVA paths. BadRecord.line is the 0-based row index. Ids are checked as
+    `read_llava` checks them: a repeated record id, or a sample id another row's samples have, is
+    a bad row.
 
     Args:
         image_column: a column of one image per row (a list of length 0 or 1 also works).
@@ -163,7 +171,7 @@ def _iterate(
     check_images: bool,
     require_placeholder: bool,
 ) -> Iterator[Sample | BadRecord]:
-    seen_ids: set[str] = set()
+    seen_ids = SeenIds("row")
     for index, row in enumerate(dataset):
         yield from _row_samples(
             row, index, name, columns, image_root, check_images, require_placeholder, seen_ids

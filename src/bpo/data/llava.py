@@ -9,10 +9,12 @@ from typing import Any
 
 from bpo.data.conversation import (
     RecordError,
+    SeenIds,
     bad_record,
     check_placeholders,
     parse_conversation,
     record_id,
+    sample_ids,
     to_samples,
 )
 from bpo.data.files import BadLine, iter_json_lines
@@ -87,7 +89,7 @@ def _record_samples(
     image_root: Path | None,
     check_images: bool,
     require_placeholder: bool,
-    seen_ids: set[str],
+    seen_ids: SeenIds,
 ) -> list[Sample] | list[BadRecord]:
     sample_id = None
     try:
@@ -98,16 +100,13 @@ def _record_samples(
                 "not_an_object", f"a record must be a JSON object, got {type(record).__name__}"
             )
         sample_id = record_id(record.get("id"))
-        if sample_id in seen_ids:
-            raise RecordError(
-                "duplicate_id", "this id appeared earlier in the file; ids must be unique"
-            )
-        seen_ids.add(sample_id)
+        seen_ids.claim_record(sample_id, number)
         image = _image_field(record)
         messages = parse_conversation(record.get("conversations", record.get("messages")))
         check_placeholders(messages, image is not None, require_placeholder)
         if image is not None and image_root is not None:
             _check_record_image(image, image_root, check_images)
+        seen_ids.claim_samples(sample_ids(sample_id, messages), number)
     except (RecordError, ImageError) as error:
         return [bad_record(file, number, unit, sample_id, error)]
     return to_samples(sample_id, messages, image, {"file": file, "line": number})
@@ -122,13 +121,15 @@ def read_llava(
     """Stream Samples (one per assistant turn) and BadRecords from a LLaVA conversation file.
 
     The file is a JSON list (loaded whole, yielded one record at a time; BadRecord.line is the
-    1-based record index) or JSON Lines (read line by line in constant memory, apart from the set
-    of ids used to catch duplicates; BadRecord.line is the physical 1-based line). A bad record
-    yields one BadRecord and no Samples, and reading goes on.
+    1-based record index) or JSON Lines (read line by line in constant memory, apart from the
+    record and sample ids kept to catch duplicates; BadRecord.line is the physical 1-based line).
+    A bad record yields one BadRecord and no Samples, and reading goes on; a record whose samples
+    would have the id of an earlier record's samples (`x#turn0` beside a two-turn `x`) is one,
+    as pairs are keyed by sample id.
 
     Args:
         image_root: directory the `image` paths are relative to. When given, paths that are
-            absolute or leave it (`..`, symlinks) are bad records.
+            absolute, leave it (`..`, symlinks) or are no valid file name are bad records.
         check_images: with `image_root`, also check every image exists and decodes in full.
         require_placeholder: make an image without an `<image>` placeholder a bad record
             (by default it is kept with `has_image_placeholder=False`).
@@ -157,7 +158,7 @@ def _iterate(
     check_images: bool,
     require_placeholder: bool,
 ) -> Iterator[Sample | BadRecord]:
-    seen_ids: set[str] = set()
+    seen_ids = SeenIds(unit)
     for number, record in records:
         yield from _record_samples(
             record, file, number, unit, root, check_images, require_placeholder, seen_ids

@@ -20,6 +20,7 @@ REASONS = {
     "not_an_object": "a record that is not a JSON object",
     "missing_id": "no usable `id` (missing, empty, or not a string/integer)",
     "duplicate_id": "an `id` seen earlier in the same file or dataset",
+    "duplicate_sample_id": "a sample id (`id`, or `id#turn<k>`) an earlier record's samples have",
     "bad_image_field": "`image` is not a single non-empty path (multi-image records included)",
     "missing_conversations": "`conversations`/`messages` missing, empty or not a list",
     "bad_turn": "a turn that is not {from, value} / {role, content} with a known role and text",
@@ -30,8 +31,10 @@ REASONS = {
     "multiple_image_placeholders": "more than one `<image>` placeholder for the one image",
     "no_image_placeholder": "an image but no `<image>` placeholder (only when required)",
     "image_outside_root": "an image path that is absolute or resolves outside the image root",
+    "invalid_image_path": "an image path no file can have (a NUL byte, a name the OS refuses)",
     "missing_image": "an image file that does not exist",
     "corrupt_image": "an image file that cannot be decoded in full",
+    "image_too_large": "an image whose header declares more pixels than max_image_pixels",
 }
 
 
@@ -70,6 +73,8 @@ class Sample:
         meta: provenance, e.g. {"file": ..., "line": ..., "turn": k} or {"row": i}.
         pil_image: the decoded RGB image when the dataset embeds it (bytes or PIL) rather than
             naming a file; never serialized, not compared, not shown in repr.
+        record_id: the id of the record the sample came from (`id` less `#turn{k}`, which a
+            record id may itself end in); set by the readers, not compared, not shown in repr.
     """
 
     id: str
@@ -79,6 +84,7 @@ class Sample:
     has_image_placeholder: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     pil_image: Any = field(default=None, repr=False, compare=False)
+    record_id: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

@@ -34,8 +34,8 @@ from bpo.utils.versions import versions
 MANIFEST = "manifest.json"
 BAD_RECORDS = "bad_records.jsonl"
 SHARD_RE = re.compile(r"^pairs-(\d{5,})\.jsonl$")
-# Config keys that may differ between the stores `merge_stores` combines.
-SHARD_KEYS = ("shard_index", "num_shards")
+# How a user reads (or merges) a store whose run did not finish, from the CLI or from Python.
+ALLOW_INCOMPLETE = "pass --allow_incomplete true (allow_incomplete=True in Python)"
 
 
 class ConfigMismatchError(ValueError):
@@ -131,6 +131,76 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"{path} has schema_version {version!r}; this bpo reads version {SCHEMA_VERSION}"
         )
     return manifest
+
+
+def _finish_hint(config: dict[str, Any]) -> str:
+    if "merged_from" in config:
+        return "rerun the same `bpo merge` command with --overwrite true"
+    return "rerun the same `bpo bootstrap` command to finish it (it resumes)"
+
+
+def open_store(
+    directory: str | Path,
+    allow_incomplete: bool = False,
+    how: str = ALLOW_INCOMPLETE,
+) -> dict[str, Any]:
+    """The manifest of a store a stage is about to read; StoreError if its run did not finish.
+
+    A store whose writer was killed, or is still writing, says `complete: false`: reading it
+    silently would train on, export or show part of the data.
+
+    Args:
+        allow_incomplete: read such a store anyway (the pairs written so far).
+        how: how the caller's user asks for that ("pass --allow_incomplete true", a config field).
+    """
+    manifest = read_manifest(directory)
+    if not manifest.get("complete") and not allow_incomplete:
+        pairs = manifest.get("counts", {}).get("pairs", "its")
+        raise StoreError(
+            f"{directory} is not complete (its manifest.json says complete: false): the run "
+            f"writing it stopped early or is still going; {_finish_hint(manifest['config'])}, "
+            f"or {how} to use the {pairs} pairs it holds"
+        )
+    return manifest
+
+
+def store_image_root(manifest: dict[str, Any]) -> Path | None:
+    """The folder a store's image paths are relative to, as the run that wrote it recorded it.
+
+    A bootstrap store records `image_root`, or null for the data file's folder; a relative path
+    is taken from the working directory, as that run took it. None when neither is recorded.
+    """
+    config = manifest.get("config", {})
+    if config.get("image_root"):
+        return Path(config["image_root"])
+    if config.get("data"):
+        return Path(config["data"]).parent
+    return None
+
+
+def image_root_for(
+    directory: str | Path, manifest: dict[str, Any], image_root: str | Path | None
+) -> Path:
+    """The folder to read a store's images under: `image_root`, else the one the store records.
+
+    Stages that read a store's images call it at the first pair with an image, so a store of
+    text-only pairs needs no root. StoreError, saying what to pass, when there is no such folder.
+    """
+    if image_root is not None:
+        root, what = Path(image_root), "--image_root"
+    else:
+        root, what = store_image_root(manifest), f"the image root {directory}'s manifest records"
+    if root is None:
+        raise StoreError(
+            f"{directory} records no image root (its manifest config has no image_root or data); "
+            "pass --image_root with the folder the pairs' image paths are relative to"
+        )
+    if not root.is_dir():
+        raise StoreError(
+            f"{root} ({what}) is not a folder; pass --image_root with the folder the pairs' "
+            "image paths are relative to"
+        )
+    return root
 
 
 def read_pairs(directory: str | Path) -> Iterator[PreferencePair]:
@@ -403,85 +473,3 @@ class PairWriter:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.close(complete=exc_type is None)
-
-
-def _check_mergeable(
-    directories: list[Path], manifests: list[dict[str, Any]], allow_incomplete: bool
-) -> dict[str, Any]:
-    """The shared config of the stores, less SHARD_KEYS; errors name the store and the key."""
-    bases = [{k: v for k, v in m["config"].items() if k not in SHARD_KEYS} for m in manifests]
-    for directory, manifest, base in zip(directories, manifests, bases, strict=True):
-        if not manifest["complete"] and not allow_incomplete:
-            raise StoreError(
-                f"{directory} is not complete (its run stopped early); finish it by re-running "
-                "that shard, or pass allow_incomplete=True"
-            )
-        diffs = config_differences(bases[0], base)
-        if diffs:
-            raise ConfigMismatchError(
-                f"{directory} was made with a different config than {directories[0]} "
-                f"({'; '.join(d.replace('(stored)', '(first)') for d in diffs)}); only "
-                f"{', '.join(SHARD_KEYS)} may differ between merged stores"
-            )
-    _check_shard_coverage(manifests, allow_incomplete)
-    return bases[0]
-
-
-def _check_shard_coverage(manifests: list[dict[str, Any]], allow_incomplete: bool) -> None:
-    indexes = [m["config"].get("shard_index") for m in manifests]
-    totals = {m["config"].get("num_shards") for m in manifests}
-    if None in indexes or len(totals) != 1:
-        return
-    repeated = sorted(i for i, n in Counter(indexes).items() if n > 1)
-    if repeated:
-        raise ConfigMismatchError(
-            f"shard_index {repeated} given more than once; merge each shard once"
-        )
-    missing = sorted(set(range(totals.pop())) - set(indexes))
-    if missing and not allow_incomplete:
-        raise StoreError(
-            f"shards {missing} are missing from the merge; add them, or pass allow_incomplete=True"
-        )
-
-
-def merge_stores(
-    store_dirs: list[str | Path],
-    out_dir: str | Path,
-    shard_size: int = 1000,
-    overwrite: bool = False,
-    allow_incomplete: bool = False,
-) -> dict[str, Any]:
-    """Combine the stores of a sharded run (shard i of N each) into one; returns its manifest.
-
-    Configs must match except for `shard_index`/`num_shards`; a pair key found in two stores
-    raises DuplicateKeyError. Pairs keep the order of `store_dirs`; bad records and counters
-    are summed.
-
-    Args:
-        allow_incomplete: merge stores whose run did not finish, or an incomplete set of shards.
-    """
-    directories = [Path(d) for d in store_dirs]
-    if not directories:
-        raise ValueError("merge_stores needs at least one store directory")
-    out = Path(out_dir)
-    if (out / MANIFEST).exists() and not overwrite:
-        raise StoreError(f"{out} already holds a store; choose a new --out or pass --overwrite")
-    manifests = [read_manifest(d) for d in directories]
-    config = _check_mergeable(directories, manifests, allow_incomplete)
-    config["merged_from"] = [str(d) for d in directories]
-    origin: dict[str, Path] = {}
-    with PairWriter(out, config, shard_size=shard_size, overwrite=overwrite) as writer:
-        for directory, manifest in zip(directories, manifests, strict=True):
-            for pair in read_pairs(directory):
-                if pair.key in origin:
-                    raise DuplicateKeyError(
-                        f"pair {pair.key} is in both {origin[pair.key]} and {directory}; the "
-                        "shards overlap: re-run them with distinct shard_index values"
-                    )
-                origin[pair.key] = directory
-                writer.write(pair)
-            for bad in read_bad_records(directory):
-                writer.report_bad(bad)
-            for key, n in manifest["counts"]["other"].items():
-                writer.count(key, n)
-    return read_manifest(out)

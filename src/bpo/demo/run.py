@@ -25,7 +25,13 @@ from bpo.demo.base import align_model, build_world, pretrained_model
 from bpo.demo.claim import check_base, claim
 from bpo.demo.config import DemoConfig
 from bpo.demo.report import write_report
-from bpo.demo.stages import Evaluations, bootstrap_pairs, export_datasets, train_arm
+from bpo.demo.stages import (
+    Evaluations,
+    bootstrap_pairs,
+    check_stages,
+    export_datasets,
+    train_arm,
+)
 from bpo.models.tiny import save_tiny_llava
 from bpo.train.data import select_pairs
 from bpo.utils.console import progress_bar
@@ -37,10 +43,23 @@ def run_demo(cfg: DemoConfig, out: Path, log=print) -> dict:
 
     With `cfg.full_run`, one run per world seed under OUT/world{seed}, gathered in OUT/results.json.
     """
-    check_arms(cfg.training, cfg.negatives.noise_steps)
+    check_demo(cfg)
     if cfg.full_run:
         return run_full(cfg, out, log)
     return run_world(cfg, out, log)
+
+
+def check_demo(cfg: DemoConfig) -> None:
+    """Refuse, before any work, what a stage would refuse minutes or hours in: the arms, and
+    the stage configs of every world the run derives (`--full true`: its noise steps too)."""
+    check_arms(cfg.training, cfg.negatives.noise_steps)
+    if not cfg.full_run:
+        check_stages(cfg)
+        return
+    if not cfg.full_world_seeds:
+        raise ValueError("full_world_seeds is empty; give at least one world seed")
+    for world_seed in cfg.full_world_seeds:
+        check_stages(full_config(cfg, world_seed))
 
 
 def run_world(cfg: DemoConfig, out: Path, log=print) -> dict:

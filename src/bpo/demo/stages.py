@@ -18,8 +18,9 @@ import json
 import multiprocessing
 import shutil
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,18 +28,21 @@ from typing import Any
 import yaml
 
 from bpo.bootstrap.config import BootstrapConfig, InjectConfig, WeakenConfig, weaken_steps
+from bpo.bootstrap.config import check_config as check_bootstrap_config
 from bpo.bootstrap.run import run_bootstrap
 from bpo.bootstrap.stats import REJECT_PREFIX
 from bpo.data import read_bad_records, read_manifest, read_pairs
-from bpo.demo.arms import Arm, arm_train_config
+from bpo.demo.arms import Arm, arm_seeds, arm_train_config, arms_of
 from bpo.demo.config import DemoConfig
 from bpo.evaluate.config import BenchmarkConfig, EvalConfig
+from bpo.evaluate.config import check_config as check_eval_config
 from bpo.evaluate.run import run_eval
 from bpo.evaluate.shapeworld import hallucination_metrics
 from bpo.generate import GenerateConfig
 from bpo.models.load import ModelConfig
 from bpo.shapeworld.export import read_scenes, record_id, write_llava_dataset, write_scenes
-from bpo.shapeworld.world import CAPTION_PROMPTS
+from bpo.shapeworld.world import CAPTION_PROMPTS, check_world
+from bpo.train.config import check_config as check_train_config
 from bpo.train.run import train
 
 POPE_METRICS = ("accuracy", "f1", "yes_ratio")
@@ -277,3 +281,42 @@ class Evaluations:
     def __exit__(self, *_exc: Any) -> None:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
+
+
+# --- checked up front -----------------------------------------------------------------------
+
+
+def check_stages(cfg: DemoConfig) -> None:
+    """Run each stage's own check on the configs the demo derives, before any work: a setting
+    `bpo bootstrap`, `train` or `eval` refuses used to fail after minutes of pretraining.
+
+    The paths are placeholders: the checks read no file, they judge the settings.
+    """
+    check_world(cfg.world)
+    if not 1 <= cfg.negatives.scenes <= cfg.align_scenes:
+        raise ValueError(
+            f"negatives.scenes is {cfg.negatives.scenes}; bootstrap from 1 to align_scenes "
+            f"({cfg.align_scenes}) alignment scenes"
+        )
+    out = Path("OUT")
+    data, base = datasets_in(out), out / "base"
+    with _from_demo("`bpo bootstrap` config from `negatives:`"):
+        check_bootstrap_config(bootstrap_config(cfg, base, data, out / "pairs"))
+    with _from_demo("`bpo train` configs from `training:`"):
+        for arm in arms_of(cfg.training):
+            for seed in arm_seeds(arm, cfg.training):
+                check_train_config(
+                    arm_train_config(arm, seed, cfg.training, base, out, data.align, out)
+                )
+    with _from_demo("`bpo eval` configs from pope_per_image, max_new_tokens and eval_batch_size"):
+        check_eval_config(eval_config(cfg, base, data, "base"))
+
+
+@contextmanager
+def _from_demo(source: str) -> Iterator[None]:
+    """Re-raise a stage's ValueError saying which demo settings its config came from: the stage
+    names its own field (`weaken.noise_steps`), which the demo's config calls otherwise."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"{error}; the demo makes its {source}") from error

@@ -33,7 +33,7 @@ from bpo.generate import GenerateConfig, GenerationRequest, Generator, load_gene
 from bpo.models.load import ModelConfig
 from bpo.utils.console import progress_bar
 
-ANSWER_RECORD = "each line must be a JSON object with question_id and answer"
+ANSWER_RECORD = "each line must be a JSON object with question_id and answer (a string)"
 
 
 class AnswersMismatchError(ValueError):
@@ -49,10 +49,18 @@ def _read_answers(path: Path, appended: bool) -> dict[str, str]:
     answers: dict[str, str] = {}
     for number, record in read_json_lines(path, appended=appended, fix=ANSWER_RECORD):
         answer = record.get("answer", record.get("text")) if isinstance(record, dict) else None
-        if answer is None or "question_id" not in record:
+        qid = record.get("question_id") if isinstance(record, dict) else None
+        if answer is None or not isinstance(qid, str | int) or isinstance(qid, bool):
             # Scored as the text "None", a missing answer would be a silent wrong number.
             raise ValueError(f"{path} line {number}: not an answer record; {ANSWER_RECORD}")
-        answers[str(record["question_id"])] = str(answer)
+        if not isinstance(answer, str):
+            # Likewise a number or an object, scored as the text "5" or "{...}".
+            shown = json.dumps(answer, ensure_ascii=False)[:60]
+            raise ValueError(
+                f"{path} line {number} (question_id={qid!r}): the answer is {shown}, not text; "
+                f"{ANSWER_RECORD}"
+            )
+        answers[str(qid)] = answer
     return answers
 
 

@@ -3,8 +3,8 @@
 `check_config` validates every setting it can without reading a file, so a config that cannot run
 to the end fails before any model loads: unknown benchmark names, repeated labels, options set on
 a benchmark that does not read them, a judged benchmark without a judge, a benchmark with neither
-a model nor an answers file, generation settings that cannot decode or a backend that is not
-installed.
+a model nor an answers file, a model dtype or device the loader would refuse, generation settings
+that cannot decode or a backend that is not installed.
 """
 
 from __future__ import annotations
@@ -21,10 +21,18 @@ from bpo.evaluate.benchmarks import (
     needs_judge,
 )
 from bpo.generate.config import GenerateConfig, check_generate_config
+from bpo.models.devices import check_model
 from bpo.models.load import ModelConfig
 
 # BenchmarkConfig and BenchmarkName belong to the schema; they are defined beside the table.
-__all__ = ["BenchmarkConfig", "BenchmarkName", "EvalConfig", "check_benchmark", "check_config"]
+__all__ = [
+    "BenchmarkConfig",
+    "BenchmarkName",
+    "EvalConfig",
+    "check_benchmark",
+    "check_config",
+    "check_model",
+]
 
 
 @dataclass
@@ -76,4 +84,6 @@ def check_config(config: EvalConfig) -> None:
         raise ValueError(f"benchmark labels repeat ({keys}); give each a distinct `label`")
     for bench in config.benchmarks:
         check_benchmark(config, bench)
+    if config.model is not None:
+        check_model(config.model)
     check_generate_config(config.generation)  # a missing vllm, too, fails before any work

@@ -231,6 +231,25 @@ def read_mmvet(source: str, image_root: str | None = None, split: str = "test") 
 # --- LLaVA-Bench in-the-wild ------------------------------------------------------------------
 
 
+def _reference_answers(path: Path) -> dict[str, str]:
+    """{question_id: reference answer} of LLaVA-Bench's answers_gpt4.jsonl; every answer text.
+
+    The judge reads the reference beside the model's answer: a null or a number would reach it
+    as the text "None" or "5" and score the model against nothing.
+    """
+    references = {}
+    for number, record in json_records(path):
+        where = f"{path} line {number}"
+        qid, text = _field(record, ("question_id",), where), _field(record, ("text",), where)
+        if not isinstance(text, str):
+            raise ValueError(
+                f"{where} (question_id={qid!r}): the reference answer `text` is "
+                f"{json.dumps(text)[:60]}, not text; fix the line"
+            )
+        references[str(qid)] = text
+    return references
+
+
 def read_llava_bench(
     source: str, image_root: str | None = None, split: str = "train"
 ) -> list[EvalItem]:
@@ -258,7 +277,7 @@ def read_llava_bench(
             )
     root = Path(image_root) if image_root else folder / "images"
     context = {r["image"]: r.get("caption", "") for _, r in json_records(files["context"])}
-    references = {str(r["question_id"]): r["text"] for _, r in json_records(files["answers_gpt4"])}
+    references = _reference_answers(files["answers_gpt4"])
     items = []
     for number, record in json_records(files["questions"]):
         where = f"{files['questions']} line {number}"

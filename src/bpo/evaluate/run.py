@@ -8,7 +8,8 @@ Layout of the output folder:
   judge's reply), rewritten on every run;
 - `judge_cache/judgments.jsonl`: the judge's parsed replies by hash; a rerun asks nothing twice;
 - `results.json`: metrics per benchmark, the model, the config, library versions;
-- `results.md`: the metrics as a markdown table; `bpo compare RUN...` sets runs side by side.
+- `results.md`: the metrics as a markdown table; `bpo compare RUN...` sets runs side by side;
+- `.lock`: held while a run writes the folder, so two runs into one --out never answer twice.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bpo.endpoint import ChatClient
 from bpo.evaluate.answers import ModelHolder, ensure_answers
 from bpo.evaluate.benchmarks import benchmark, needs_judge, read_items
 from bpo.evaluate.config import EvalConfig, check_config
+from bpo.train.outputs import lock_output
 from bpo.utils.versions import versions
 
 
@@ -86,7 +88,13 @@ def run_eval(
     started = time.time()
     check_config(config)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with lock_output(out, "bpo eval"):
+        return _run_locked(config, out, log, progress, started)
+
+
+def _run_locked(
+    config: EvalConfig, out: Path, log: Callable[[str], None], progress: bool, started: float
+) -> dict:
     model = ModelHolder(config.model, config.generation)
     client = None
     if config.judge is not None and any(needs_judge(b) for b in config.benchmarks):

@@ -32,59 +32,62 @@ from transformers import (
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, processor_class_from_name
 from transformers.utils import PushToHubMixin, is_torchvision_available
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+from bpo.models.devices import resolve_device, resolve_dtype
+
+_PICKLE_MESSAGE = (
+    "bpo loads safetensors only. Convert once with `model.save_pretrained(folder, "
+    "safe_serialization=True)` from a trusted environment."
+)
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """The device to run on: "auto" (or None) picks cuda, then mps, then cpu."""
-    if isinstance(device, torch.device):
-        return device
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
+def _read_json(name_or_path: str, filename: str, revision: str | None) -> dict[str, Any]:
+    """A JSON file of a local folder or hub repo ({} when absent or not a JSON object)."""
+    from transformers.utils import cached_file
 
-
-def resolve_dtype(
-    dtype: str | torch.dtype | None, device: str | torch.device | None = "auto"
-) -> torch.dtype:
-    """The weight dtype: a name ("bf16", "float32", ...), a torch.dtype, or "auto"/None.
-
-    "auto" is bfloat16 on a CUDA device that supports it, float16 on other CUDA devices and on
-    mps (where float32 would double the memory for no gain in generation), float32 on cpu.
-    """
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        device = resolve_device(device)
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "mps":
-            return torch.float16
-        return torch.float32
+    found = cached_file(
+        name_or_path,
+        filename,
+        revision=revision,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        _raise_exceptions_for_gated_repo=False,
+    )
     try:
-        return _DTYPES[dtype.lower()]
-    except (KeyError, AttributeError):
-        raise ValueError(
-            f"unknown dtype {dtype!r}; use 'auto' or one of {', '.join(sorted(_DTYPES))}"
-        ) from None
+        value = json.loads(Path(found).read_text(encoding="utf-8")) if found else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # from_pretrained reports a damaged file in its own words
+    return value if isinstance(value, dict) else {}
 
 
-def _check_source(name_or_path: str) -> None:
-    """Fail early and clearly on a missing local folder or a folder of pickle-only weights.
+def _named_pickles(name_or_path: str, revision: str | None) -> list[str]:
+    """The non-safetensors weight files a model's own files point from_pretrained at.
+
+    `use_safetensors=True` does not cover these: transformers follows config.json's
+    `transformers_weights` (which may name `adapter_model.bin`) and the shards a
+    `*.safetensors.index.json` lists, whatever their format, before it looks at use_safetensors.
+    """
+    explicit = _read_json(name_or_path, "config.json", revision).get("transformers_weights")
+    named, indexes = [], ["model.safetensors.index.json"]
+    if isinstance(explicit, str):
+        named.append(explicit)
+        if explicit.endswith(".index.json"):
+            indexes.append(explicit)
+    for index in indexes:
+        weight_map = _read_json(name_or_path, index, revision).get("weight_map")
+        if isinstance(weight_map, dict):
+            named += [str(shard) for shard in weight_map.values()]
+    safe = (".safetensors", ".safetensors.index.json")
+    return sorted({name for name in named if not name.endswith(safe)})
+
+
+def _check_source(name_or_path: str, revision: str | None = None) -> None:
+    """Fail early and clearly on a missing local folder or on weights that are not safetensors.
 
     Without this, a mistyped local path falls through to a hub lookup whose error talks about
     repo ids, and a folder holding only pytorch_model.bin fails deep inside from_pretrained.
+    Pickle weights are refused however they are reached: a folder holding only them, or a
+    folder or hub repo whose config or safetensors index names them (see `_named_pickles`),
+    or the base model a PEFT adapter names.
     """
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -94,11 +97,26 @@ def _check_source(name_or_path: str) -> None:
             )
             if pickles:
                 raise OSError(
-                    f"{path} holds only PyTorch pickle weights ({', '.join(pickles)}); bpo loads "
-                    "safetensors only. Convert once with `model.save_pretrained(folder, "
-                    "safe_serialization=True)` from a trusted environment."
+                    f"{path} holds only PyTorch pickle weights ({', '.join(pickles)}); "
+                    + _PICKLE_MESSAGE
                 )
-        return
+        if not path.is_dir():
+            return
+    else:
+        _check_hub_id(name_or_path, path)
+    pickles = _named_pickles(name_or_path, revision)
+    if pickles:
+        raise OSError(
+            f"{name_or_path} points its weights at PyTorch pickle files ({', '.join(pickles)}); "
+            + _PICKLE_MESSAGE
+        )
+    base = _read_json(name_or_path, "adapter_config.json", revision).get("base_model_name_or_path")
+    if isinstance(base, str) and base and base != name_or_path:
+        _check_source(base)  # from_pretrained loads an adapter's base model too
+
+
+def _check_hub_id(name_or_path: str, path: Path) -> None:
+    """Refuse a name that is no existing path and no valid hub id (a mistyped local folder)."""
     looks_local = name_or_path.startswith((".", "/", "~", "\\")) or Path(name_or_path).is_absolute()
     if not looks_local:
         try:
@@ -132,7 +150,7 @@ def load_processor(
     processor, and remote code, goes through `AutoProcessor` (which already picks the PIL image
     processor when torchvision is missing).
     """
-    _check_source(name_or_path)
+    _check_source(name_or_path, revision)
     processor = None
     if not is_torchvision_available():
         processor = _load_without_torchvision(name_or_path, trust_remote_code, revision)
@@ -330,7 +348,7 @@ def check_family(
 
     from bpo.models.family import check_supported
 
-    _check_source(name_or_path)
+    _check_source(name_or_path, revision)
     adapter = find_adapter_config_file(name_or_path, revision=revision)
     if adapter is not None:  # a PEFT adapter folder: the family is its base model's
         name_or_path = json.loads(Path(adapter).read_text())["base_model_name_or_path"]
@@ -343,7 +361,7 @@ def check_family(
 
 def _load_weights(auto_class: Any, name_or_path: str, dtype: Any, device: Any, **kwargs: Any):
     """`auto_class.from_pretrained` from safetensors only, in eval mode, on `device`."""
-    _check_source(name_or_path)
+    _check_source(name_or_path, kwargs.get("revision"))
     device = resolve_device(device)
     model = auto_class.from_pretrained(
         name_or_path,
@@ -366,8 +384,10 @@ def load_causal_lm(
     remote code (a rewriter is never trusted to run its own code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = _load_weights(AutoModelForCausalLM, name_or_path, dtype, device, revision=revision)
-    return model, AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    # False, not transformers' default None: None asks on a terminal whether to run the code.
+    options = {"revision": revision, "trust_remote_code": False}
+    model = _load_weights(AutoModelForCausalLM, name_or_path, dtype, device, **options)
+    return model, AutoTokenizer.from_pretrained(name_or_path, **options)
 
 
 def count_image_tokens(processor: ProcessorMixin, image: Image.Image | None = None) -> int:

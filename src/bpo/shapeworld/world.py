@@ -137,6 +137,38 @@ class WorldConfig:
         return self.grid * self.cell_size
 
 
+def check_world(cfg: WorldConfig) -> None:
+    """Raise ValueError naming the `world.` setting that cannot draw or render scenes (numpy's
+    own errors, minutes in, name no setting)."""
+    for name in ("grid", "cell_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"world.{name} must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.shapes or not cfg.colours or len(set(cfg.shapes)) != len(cfg.shapes):
+        raise ValueError(
+            f"world.shapes {cfg.shapes} and world.colours {cfg.colours} must be non-empty, and "
+            "the shapes distinct"
+        )
+    room = min(len(cfg.shapes), cfg.grid * cfg.grid)  # a scene has distinct shapes, one per cell
+    if cfg.max_objects > room:
+        raise ValueError(
+            f"world.max_objects {cfg.max_objects} is more than the {len(cfg.shapes)} shapes (or "
+            f"the {cfg.grid * cfg.grid} cells) a scene can hold"
+        )
+    if not 0 <= cfg.min_objects <= cfg.max_objects:
+        raise ValueError(
+            f"world.min_objects {cfg.min_objects} must be in [0, max_objects {cfg.max_objects}]"
+        )
+    for name in ("faint_prob", "clutter_prob", "blur_prob", "prior_strength", "colour_prior"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"world.{name} must be in [0, 1], got {getattr(cfg, name)}")
+    for name in ("faint_alpha", "solid_alpha", "clutter_alpha"):
+        low, high = getattr(cfg, name)
+        if not 0 <= low <= high <= 1:
+            raise ValueError(f"world.{name} must be (low, high) with 0 <= low <= high <= 1")
+    if cfg.pixel_noise < 0 or min(cfg.blur_sigma) < 0:
+        raise ValueError("world.pixel_noise and world.blur_sigma must be >= 0")
+
+
 def _ordered(objects: list[ShapeObject], shapes: tuple[str, ...]) -> tuple[ShapeObject, ...]:
     """Objects in the fixed caption order (by shape, then position)."""
     return tuple(sorted(objects, key=lambda o: (shapes.index(o.shape), o.row, o.col)))

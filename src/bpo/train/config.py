@@ -51,6 +51,9 @@ class TrainConfig:
     model: ModelConfig  # the starting model; also the frozen reference
     pairs: str | None = None  # pair store folder (`bpo bootstrap` output); None in the Python API
     image_root: str | None = None  # the pairs' image paths are relative to it
+    # Train on a store whose bootstrap did not finish (manifest.json complete: false); by default
+    # such a store is refused, so a killed run is never mistaken for the whole data set.
+    allow_incomplete: bool = False
     out: str | None = "runs/train"  # None (Python API): write nothing, keep the history in memory
     method: Literal["dpo", "sft"] = "dpo"  # sft: NLL of the chosen answers only (the baseline)
     sources: list[str] | None = None  # only pairs of these sources ("weaken", "inject"); None: all
@@ -74,7 +77,9 @@ class TrainConfig:
     grad_accum: int = 1  # forward passes per optimizer step
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of the forward (accelerate)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
-    max_length: int | None = None  # tokens per answer branch, image tokens included
+    # Tokens per answer branch, image tokens included; longer answers are cut (and counted).
+    # null: the model's context length, at most 4096 (`bpo.train.limits`).
+    max_length: int | None = None
     seed: int = 0  # adapter init, dropout and the per-epoch data shuffle
     num_workers: int = 0  # DataLoader workers that load images and tokenize
     save_steps: int | None = None  # a resumable checkpoint every N optimizer steps; null: none

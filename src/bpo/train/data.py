@@ -30,6 +30,7 @@ from bpo.train.batch import (
     encode_pair,
     pad_token_id,
 )
+from bpo.train.limits import naming_out_of_memory
 from bpo.train.logprobs import pair_logps
 
 
@@ -66,15 +67,43 @@ def select_pairs(
     ]
 
 
+def check_store(directory: str | Path) -> None:
+    """Refuse a folder that is not a pair store, or a store with no pairs, before a stage writes
+    anything into it (a typo in run.pairs must not become a new folder)."""
+    from bpo.data.store import read_manifest, read_pairs
+
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(
+            f"run.pairs {str(directory)!r} is not a folder; give the output folder of "
+            "`bpo bootstrap` (or `bpo merge`)"
+        )
+    read_manifest(directory)  # a clear error when the folder is not a store
+    if next(iter(read_pairs(directory)), None) is None:
+        raise ValueError(
+            f"{directory} is a pair store with no pairs; check run.pairs, or rerun `bpo bootstrap` "
+            "(its manifest.json counts what was rejected and why)"
+        )
+
+
+# How a training config asks to read a store whose bootstrap did not finish.
+ALLOW_INCOMPLETE = "set run.allow_incomplete: true (--run.allow_incomplete true)"
+
+
 def load_store_pairs(
     directory: str | Path,
     sources: Sequence[str] | None = None,
     noise_steps: Sequence[int] | None = None,
+    allow_incomplete: bool = False,
 ) -> list[PreferencePair]:
-    """The pairs of a store that `select_pairs` keeps; ValueError when none is left."""
-    from bpo.data.store import read_manifest, read_pairs
+    """The pairs of a store that `select_pairs` keeps; ValueError when none is left.
 
-    read_manifest(directory)  # a clear error when the folder is not a store
+    Args:
+        allow_incomplete: read a store whose run did not finish (else: StoreError).
+    """
+    from bpo.data.store import open_store, read_pairs
+
+    # A clear error when the folder is not a store, or its bootstrap stopped early.
+    open_store(directory, allow_incomplete, ALLOW_INCOMPLETE)
     pairs = select_pairs(read_pairs(directory), sources, noise_steps)
     if not pairs:
         filters = [f"sources {list(sources)}"] if sources else []
@@ -199,14 +228,19 @@ class PairScore:
 
 
 def _score_batch(
-    model: Any, collated: Collated, device: Any
+    model: Any, collated: Collated, device: Any, max_length: int | None = None
 ) -> tuple[list[PairScore], list[BadPair]]:
     """Score one collated batch; pairs whose log-probs are not finite join its bad pairs."""
     bad = list(collated.bad)
     if collated.batch is None:
         return [], bad
     batch = collated.batch
-    logps = pair_logps(model, batch.to(device))
+    fix = (
+        "lower run.max_length (longer answers are cut and counted as truncated) or "
+        "run.reference_batch_size"
+    )
+    with naming_out_of_memory(batch, "the reference pass", max_length, fix):
+        logps = pair_logps(model, batch.to(device))
     rows = zip(
         batch.keys,
         logps.chosen.float().tolist(),
@@ -257,7 +291,7 @@ def score_pairs(
             # no_grad, not inference_mode: training goes on with this very model, and a tensor a
             # module caches during an inference-mode forward could never be saved for backward.
             with torch.no_grad():
-                batch_scores, batch_bad = _score_batch(model, collated, device)
+                batch_scores, batch_bad = _score_batch(model, collated, device, dataset.max_length)
             if on_batch is not None:
                 on_batch(batch_scores, batch_bad)
             scores += batch_scores

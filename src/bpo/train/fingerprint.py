@@ -13,6 +13,9 @@ itself that changes the numbers:
 `pair_hash` covers the pair: prompt, image path, image content (SHA-256) and both answers. An
 image's SHA-256 is trusted from a stored stamp while the file's size and mtime_ns are unchanged
 (`ImageDigests`), so checking a large store reads no image twice.
+
+`pairs_fingerprint` covers the pairs a training run steps through, in order: a checkpoint's data
+position means something only on the same list, so a resume on a rebuilt store is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +238,19 @@ def pair_hash(pair: PreferencePair, image_sha256: str | None) -> str:
         "rejected": pair.rejected,
     }
     return _canonical_sha256(content)[:32]
+
+
+def pairs_fingerprint(pairs: Iterable[PreferencePair]) -> dict[str, Any]:
+    """{"count", "sha256"} of a run's training pairs: keys, prompts, image paths and answers, in
+    order (the order is what a data position indexes). Image bytes are not read: a resume would
+    otherwise reread every image; the reference pass already rescores changed ones."""
+    digest, count = hashlib.sha256(), 0
+    for pair in pairs:
+        content = [pair.key, pair.prompt, pair.image, pair.chosen, pair.rejected]
+        digest.update(json.dumps(content, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+        digest.update(b"\n")
+        count += 1
+    return {"count": count, "sha256": digest.hexdigest()[:32]}
 
 
 class ImageDigests:

@@ -59,12 +59,14 @@ from bpo.data.files import (
 )
 from bpo.data.images import ImageError
 from bpo.data.records import PreferencePair
-from bpo.data.store import StoreError, read_pairs
+from bpo.data.store import StoreError, open_store, read_pairs
 from bpo.train.config import TrainConfig
 from bpo.train.data import (
+    ALLOW_INCOMPLETE,
     BadPair,
     PairDataset,
     PairScore,
+    check_store,
     image_bad_pair,
     load_store_pairs,
     score_pairs,
@@ -78,6 +80,7 @@ from bpo.train.fingerprint import (
     reference_fingerprint,
     scoring_dtype,
 )
+from bpo.train.limits import resolve_max_length
 from bpo.utils.versions import versions
 
 REFS_DIR = "refs"
@@ -128,6 +131,7 @@ class RefsTable:
         bad: pair key -> why it has no entry (the image or encoding error, naming the pair);
             `bad_reasons` holds the same keys' short reasons ("missing_image", ...).
         truncated: entries with an answer cut to fit max_length.
+        unscored: pair key -> the pair, for the keys of `bad` (a run filters them as its pairs).
     """
 
     fingerprint: str
@@ -140,14 +144,24 @@ class RefsTable:
     bad: dict[str, str] = field(default_factory=dict)
     bad_reasons: dict[str, str] = field(default_factory=dict)
     truncated: int = 0
+    unscored: dict[str, PreferencePair] = field(default_factory=dict)
 
-    def add_bad(self, bad: BadPair) -> None:
+    def add_bad(self, bad: BadPair, pair: PreferencePair) -> None:
         self.bad[bad.key] = bad.message
         self.bad_reasons[bad.key] = bad.reason
+        self.unscored[bad.key] = pair
 
-    def bad_pairs(self) -> list[BadPair]:
-        """The pairs without an entry, as the trainer reports them."""
-        return [BadPair(key, self.bad_reasons[key], message) for key, message in self.bad.items()]
+    def bad_pairs(
+        self, sources: Sequence[str] | None = None, noise_steps: Sequence[int] | None = None
+    ) -> list[BadPair]:
+        """The pairs without an entry that a run of these filters would train on, as the trainer
+        reports them (a run on "inject" pairs does not count a broken "weaken" pair)."""
+        kept = {p.key for p in select_pairs(self.unscored.values(), sources, noise_steps)}
+        return [
+            BadPair(key, self.bad_reasons[key], message)
+            for key, message in self.bad.items()
+            if key in kept
+        ]
 
 
 def with_reference_logps(pair: PreferencePair, entry: RefEntry | PairScore) -> PreferencePair:
@@ -250,7 +264,7 @@ def _plan(
         try:
             image = digests.stamp(pair.image, entry and entry.image) if pair.image else None
         except ImageError as exc:
-            table.add_bad(image_bad_pair(pair, exc))
+            table.add_bad(image_bad_pair(pair, exc), pair)
             continue
         current = pair_hash(pair, image and image["sha256"])
         if entry is not None and entry.pair_hash == current:
@@ -292,7 +306,7 @@ def _compute(
             table.entries.update((entry.key, entry) for entry in entries)
             table.computed += len(entries)
             for item in bad:
-                table.add_bad(item)
+                table.add_bad(item, planned[item.key].pair)
             for _ in range(len(scores) + len(bad)):
                 advance(1)
 
@@ -329,6 +343,7 @@ def ensure_reference_logps(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     pairs_dir, image_root = Path(pairs_dir), Path(image_root)
+    check_store(pairs_dir)  # before refs/ is made: a mistyped folder must not come into being
     fingerprint, parts = reference_fingerprint(
         model_identity,
         processor,
@@ -372,7 +387,12 @@ def config_reference_logps(
     config: TrainConfig, model: nn.Module, processor: Any, recompute: bool = False
 ) -> RefsTable:
     """`ensure_reference_logps` for a training config's store, model and tokenization: what
-    `bpo train` reads and `bpo refs` writes."""
+    `bpo train` reads and `bpo refs` writes. `max_length: null` is resolved from the model first,
+    as `train` resolves it, so both key the cache alike. A store whose bootstrap did not finish
+    is refused, before the model is used, unless `config.allow_incomplete`."""
+    check_store(config.pairs)  # a mistyped run.pairs, or an empty store, named as such
+    open_store(config.pairs, config.allow_incomplete, ALLOW_INCOMPLETE)
+    config = resolve_max_length(config, model)
     return ensure_reference_logps(
         model,
         processor,
@@ -404,14 +424,15 @@ def _store_pairs_with_refs(
             f"reference log-probs: {table.reused} reused, {table.computed} computed "
             f"({table.stale} stale) in {table.path}"
         )
-        fingerprint, pairs, bad = [table.fingerprint], table.pairs, table.bad_pairs()
+        fingerprint, pairs = [table.fingerprint], table.pairs
+        bad = table.bad_pairs(config.sources, config.noise_steps)
     accelerator.wait_for_everyone()
     (fingerprint,) = broadcast_object_list(fingerprint)
     if not accelerator.is_main_process:
         entries = load_reference_logps(config.pairs, fingerprint)
         pairs = [
             with_reference_logps(p, entries[p.key])
-            for p in load_store_pairs(config.pairs)
+            for p in load_store_pairs(config.pairs, allow_incomplete=config.allow_incomplete)
             if p.key in entries
         ]
     return select_pairs(pairs, config.sources, config.noise_steps), bad
@@ -439,7 +460,10 @@ def training_pairs(
         if config.pairs is None:
             raise ValueError("no pairs: set run.pairs (a pair store folder) or pass pairs=")
         if config.method == "sft":
-            return load_store_pairs(config.pairs, config.sources, config.noise_steps), []
+            pairs = load_store_pairs(
+                config.pairs, config.sources, config.noise_steps, config.allow_incomplete
+            )
+            return pairs, []
         return _store_pairs_with_refs(config, model, processor, accelerator, log)
     pairs = select_pairs(pairs, config.sources, config.noise_steps)
     scored = all(p.ref_chosen_logp is not None and p.ref_rejected_logp is not None for p in pairs)

@@ -7,13 +7,16 @@ Features:
 - fp32/bf16/fp16 autocast, gradient accumulation, gradient checkpointing, warmup then a cosine
   (or linear, or constant) schedule applied to every parameter group.
 - `max_length` counts image tokens and cuts answers, never the image or the prompt; truncated
-  pairs are counted and reported. A pair whose image is missing or broken, or that cannot be
-  encoded, is reported with its key and counted, and the run goes on without it.
+  pairs are counted and reported; null is the model's context, capped (`bpo.train.limits`). A
+  batch that runs out of memory is named, pairs and settings. A pair whose image is missing or
+  broken, or that cannot be encoded, is reported with its key and counted, and the run goes on
+  without it.
 - Metrics under TRL's names, one JSON line per logged step in OUT/metrics.jsonl and to
   accelerate's trackers (TensorBoard by default).
 - Checkpoints every `save_steps` (`bpo.train.checkpoint`); `resume=True` continues from the newest
   one and gives the weights and metric lines an uninterrupted run gives. The data order is a
-  seeded shuffle per epoch, recomputed, not stored.
+  seeded shuffle per epoch, recomputed, not stored; so a resume on other pairs (a rebuilt store)
+  is refused. One run per OUT: it is locked while a run writes it (`bpo.train.outputs`).
 - Output under OUT/model in Hugging Face format (safetensors, with the processor): the adapter,
   the adapter merged into the base (`lora.merge`), or the full weights.
 - DDP, DeepSpeed ZeRO-2/3 or FSDP from one launcher (`bpo.train.distributed`).
@@ -38,6 +41,7 @@ import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,13 +55,20 @@ from bpo.data.records import PreferencePair
 from bpo.train import checkpoint, distributed
 from bpo.train.batch import PairBatch, pad_token_id
 from bpo.train.config import TrainConfig, check_config, flat_config
-from bpo.train.data import Collated, Collator, PairDataset, epoch_batches
+from bpo.train.data import Collated, Collator, PairDataset, check_store, epoch_batches
+from bpo.train.fingerprint import pairs_fingerprint
+from bpo.train.limits import naming_out_of_memory, resolve_max_length
 from bpo.train.logprobs import chosen_logps, pair_logps
 from bpo.train.losses import nll_loss, preference_loss
 from bpo.train.model import load_for_training, param_groups, setup_trainable
+from bpo.train.outputs import lock_output
 from bpo.train.refs import training_pairs
 
 MAX_BAD_MESSAGES = 20
+TRAIN_MEMORY_FIX = (
+    "lower run.max_length (longer answers are cut and counted as truncated), or run.batch_size "
+    "(raise run.grad_accum to keep the effective batch), or set run.gradient_checkpointing: true"
+)
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 
@@ -95,6 +106,7 @@ class Trainer:
             num_training_steps=self.total_steps,
         )
         self.step, self.epoch, self.micro = 0, 0, 0  # optimizer steps done; next micro-batch
+        self.pairs_id = pairs_fingerprint(dataset.pairs)  # what the data position indexes
         self.truncated: set[str] = set()
         self.bad: dict[str, str] = {}  # key -> reason
         self.history: list[dict[str, Any]] = []
@@ -132,18 +144,19 @@ class Trainer:
             with distributed.accumulating(acc, self.model, last), acc.autocast():
                 if collated.batch is None:  # every pair of the micro-batch is unusable
                     loss = self._no_pair_loss()
-                    if loss is None:
-                        continue
-                else:
-                    batch = self.spare = collated.batch.to(acc.device)
+                    if loss is not None:
+                        acc.backward(loss)
+                    continue
+                batch = self.spare = collated.batch.to(acc.device)
+                stage = f"training step {self.step + 1}"
+                with naming_out_of_memory(batch, stage, self.config.max_length, TRAIN_MEMORY_FIX):
                     losses, metrics = self.loss(batch)  # (B,), {name: batch mean}
                     # The step's loss is the mean over the pairs it planned to see.
-                    loss = losses.sum() / planned_pairs * self.backward_scale
-                    scored += len(batch)
-                    sums["loss"] += losses.detach().sum()
-                    for name, value in metrics.items():
-                        sums[name] += value * len(batch)
-                acc.backward(loss)
+                    acc.backward(losses.sum() / planned_pairs * self.backward_scale)
+                scored += len(batch)
+                sums["loss"] += losses.detach().sum()
+                for name, value in metrics.items():
+                    sums[name] += value * len(batch)
         grad_norm = None
         if self.config.max_grad_norm is not None:  # under DeepSpeed: the norm the engine clipped
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -263,6 +276,7 @@ class Trainer:
         """Write OUT/checkpoints/step-N (atomically: a kill leaves the previous one usable)."""
         progress = {"step": self.step, "epoch": self.epoch, "micro": self.micro}
         progress |= {"truncated": sorted(self.truncated), "bad": self.bad, "history": self.history}
+        progress["pairs"] = self.pairs_id
         parts = (self.accelerator, self.model, self.optimizer, self.scheduler)
         split = distributed.state_is_split(self.accelerator)
         return checkpoint.save_checkpoint(
@@ -272,7 +286,13 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything `save_checkpoint` wrote; the metrics log is cut back to its step."""
         state = checkpoint.load_checkpoint(
-            path, self.config, self.accelerator, self.model, self.optimizer, self.scheduler
+            path,
+            self.config,
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            pairs=self.pairs_id,
         )
         self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
         self.truncated, self.bad = set(state["truncated"]), state["bad"]
@@ -313,26 +333,54 @@ def train(
         on_step: called as on_step(step, metrics) after each optimizer step and its checkpoint.
         config.out: where the log, checkpoints and model go; None writes nothing.
     """
-    from accelerate.utils import set_seed
-
     check_config(config)  # before anything loads: a bad setting fails in a second
     if resume and config.out is None:
         raise ValueError("resume needs run.out, the folder holding the checkpoints")
+    if pairs is None and config.pairs is not None:
+        check_store(config.pairs)  # a mistyped run.pairs fails before the model loads
+    accelerator = distributed.make_accelerator(config)
+    distributed.check_launch(config, accelerator)
+    log = log if accelerator.is_main_process else (lambda _msg: None)
+    # One run per --out: two would interleave metrics.jsonl and checkpoints. The main process
+    # writes OUT, so it holds the lock; the others follow it.
+    holds_out = config.out is not None and accelerator.is_main_process
+    with lock_output(config.out, "bpo train") if holds_out else nullcontext():
+        trainer, processor = _start(
+            config, model, processor, pairs, images, accelerator, resume=resume, log=log
+        )
+        trainer.fit(on_step)
+        return _finish(trainer, processor, log)
+
+
+def _start(
+    config: TrainConfig,
+    model: nn.Module | None,
+    processor: Any,
+    pairs: Sequence[PreferencePair] | None,
+    images: Mapping[str, Image.Image] | None,
+    accelerator: Any,
+    *,
+    resume: bool,
+    log: Callable[[str], None],
+) -> tuple[Trainer, Any]:
+    """The Trainer at step 0 or at the newest checkpoint, and the processor (both loaded here
+    when not given); `trainer.config` has `max_length` resolved."""
+    from accelerate.utils import set_seed
+
     out = Path(config.out) if config.out is not None else None
-    latest = checkpoint.latest_checkpoint(out) if resume and out is not None else None
     if out is not None and not resume and (out / "metrics.jsonl").exists():
         raise FileExistsError(
             f"{out} holds a previous run (metrics.jsonl); pass --resume to continue it, or "
             "choose another --out"
         )
-    accelerator = distributed.make_accelerator(config)
-    distributed.check_launch(config, accelerator)
-    log = log if accelerator.is_main_process else (lambda _msg: None)
+    latest = checkpoint.latest_checkpoint(out) if resume else None
     set_seed(config.seed)  # the adapter's initialisation and dropout
     if model is None:
         model, processor = load_for_training(config, accelerator.device)
     elif not getattr(model, "is_loaded_in_4bit", False):
         model.to(accelerator.device)
+    # Before the reference pass: its fingerprint holds max_length, as `bpo refs` resolves it.
+    config = resolve_max_length(config, model, log)
     # Before any adapter or trainable weight exists: the reference is the starting model.
     pairs, bad = training_pairs(config, model, processor, pairs, images, accelerator, log)
     if not pairs:
@@ -347,8 +395,6 @@ def train(
     model = setup_trainable(model, config)
     trainer = Trainer(config, model, processor, dataset, refs, accelerator, log)
     trainer.count(Collated(None, bad))
-    if out is not None and accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
     if latest is not None:
         trainer.load_checkpoint(latest)
     elif resume:
@@ -363,8 +409,12 @@ def train(
         f"{config.effective_batch * world} ({config.batch_size} x {config.grad_accum} "
         f"accumulation x {world} processes)"
     )
-    trainer.fit(on_step)
+    return trainer, processor
 
+
+def _finish(trainer: Trainer, processor: Any, log: Callable[[str], None]) -> TrainResult:
+    """Unwrap (and merge) the trained model, summarize the run, save both under OUT."""
+    config, accelerator, out = trainer.config, trainer.accelerator, trainer.out
     # Sharded weights are gathered (every process takes part); whole copies are saved as they are.
     state_dict = (
         accelerator.get_state_dict(trainer.model) if distributed.is_sharded(accelerator) else None
@@ -373,13 +423,15 @@ def train(
     if config.finetune != "full" and config.lora.merge:
         final = final.merge_and_unload()
     final.eval()
+    world = accelerator.num_processes
     summary = {
         "method": config.method,
         "steps": trainer.step,
-        "pairs": len(dataset),
+        "pairs": len(trainer.dataset),
         "effective_batch": config.effective_batch * world,
         "processes": world,
         "distributed_type": str(accelerator.distributed_type.value),
+        "max_length": config.max_length,
         "truncated_pairs": len(trainer.truncated),
         "bad_pairs": len(trainer.bad),
         "bad_reasons": dict(Counter(trainer.bad.values())),
@@ -390,9 +442,10 @@ def train(
     if trainer.bad:
         log(f"{len(trainer.bad)} pairs skipped: {summary['bad_reasons']}")
     if out is not None and accelerator.is_main_process:
-        final.save_pretrained(out / "model", safe_serialization=True, state_dict=state_dict)
-        processor.save_pretrained(out / "model")
-        summary["model"] = str(out / "model")
-        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        with checkpoint.reporting_full_disk(out / "model", "the trained model"):
+            final.save_pretrained(out / "model", safe_serialization=True, state_dict=state_dict)
+            processor.save_pretrained(out / "model")
+            summary["model"] = str(out / "model")
+            write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     accelerator.end_training()
     return TrainResult(final, trainer.history, summary)
