@@ -41,7 +41,8 @@ the frozen vision tower and projector; backward = 1 forward for the language mod
 frozen weights need input gradients only; attention's quadratic term and padding ignored):
 
     F_lm(T, S) = 2 N_lm T + 2 N_head S      (T tokens through the decoder, S of them scored)
-    F_vis      = 2 N_vision (patches + 1) + 2 N_proj patches
+    F_vis      = 2 N_vision V + 2 N_proj I    (V tower positions: LLaVA patches + CLS, Qwen
+                                            patches; I image tokens: LLaVA patches, Qwen /4)
     TRL        = 4 F_vis + 3 F_lm(2P + C + R, C + R)   (policy fwd + bwd, ref fwd; 2 rows a pair)
     TRL no-ref = 2 F_vis + 2 F_lm(2P + C + R, C + R)
     bpo        =   F_vis + 2 F_lm( P + C + R, C + R)   (one row a pair, no ref forward)
@@ -57,6 +58,9 @@ Run: python benchmarks/train_throughput.py         (CPU, ~1-2 min; target speedu
      python benchmarks/train_throughput.py --gpu --dry-run   (print the settings, build nothing)
      python benchmarks/train_throughput.py --gpu --device cpu --text-layers 1 --vision-layers 1 \
          --batch-size 1 --warmup 0 --steps 1   (the GPU model's code path on a CPU, ~2 min)
+     python benchmarks/train_throughput.py --family qwen2_5_vl   (CPU; the same comparison on
+         a Qwen2.5-VL-shaped model, `shapes.py`: 392 px / 14 px patches merged 2x2 -> 196 image
+         tokens, windowed ViT 2x192, Qwen2 4x384 with 2 key/value heads and M-RoPE; ~3 min)
 The last line is a JSON object: pairs_per_s_bpo, pairs_per_s_trl, speedup, peak_mem_ratio,
 ideal_speedup, the same against the trl-noref row, and the settings that matter.
 """
@@ -78,6 +82,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import shapes  # benchmarks/shapes.py, next to this script
+
 COMMAND = "python benchmarks/train_throughput.py"
 SIDES = ("bpo", "trl", "trl-noref")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -85,7 +91,9 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 
 @dataclass
 class ModelSpec:
-    """A LLaVA-shaped model: CLIP vision tower + 2-layer MLP projector + Llama."""
+    """A LLaVA-shaped model (CLIP vision tower + 2-layer MLP projector + Llama), or with
+    `family="qwen2_5_vl"` a Qwen2.5-VL-shaped one (`shapes.py`: windowed ViT, 2x2 patch merger,
+    Qwen2 with M-RoPE)."""
 
     image_size: int
     patch_size: int
@@ -99,10 +107,22 @@ class ModelSpec:
     text_heads: int
     text_intermediate: int
     vocab_size: int  # at least the tokenizer's size; real LLaVA-1.5 has 32064
+    family: str = "llava"
+    merge: int = 1  # merge x merge patches become one image token (Qwen: 2)
+    text_kv_heads: int = 0  # Qwen's; LLaVA's Llama has as many as text_heads
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
 
     @property
     def image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.patches // self.merge**2
+
+    @property
+    def vision_positions(self) -> int:
+        """Positions the vision tower runs over: CLIP adds a CLS position to the patches."""
+        return self.patches + (1 if self.family == "llava" else 0)
 
 
 # CPU: 196 image tokens (224 / 16) and a small Llama: bpo's step (4 pairs) takes ~0.5 s on 2 cores.
@@ -110,6 +130,8 @@ class ModelSpec:
 CPU_SPEC = ModelSpec(224, 16, 192, 2, 4, 768, -2, 384, 4, 6, 1024, 1024)
 # LLaVA-1.5-7B: CLIP ViT-L/14-336 (576 image tokens) + Llama-2-7B (vicuna) sizes.
 GPU_SPEC = ModelSpec(336, 14, 1024, 24, 16, 4096, -2, 4096, 32, 32, 11008, 32064)
+# `--family`: the CPU shape of each (`shapes.py` builds the non-LLaVA ones).
+CPU_SPECS = {"llava": CPU_SPEC, "qwen2_5_vl": ModelSpec(**shapes.QWEN2_5_VL_CPU_FIELDS)}
 
 
 @dataclass
@@ -178,7 +200,8 @@ def make_pairs(settings: Settings) -> list[dict[str, Any]]:
 
 
 def build_processor(spec: ModelSpec, seed: int):
-    """A LlavaProcessor (LLaVA-1.5 chat template) with a BPE tokenizer trained on the words."""
+    """A LlavaProcessor (LLaVA-1.5 chat template) with a BPE tokenizer trained on the words, or
+    the family's processor (`shapes.py`) with one trained on the same text."""
     from bpo.models.tiny import TinyLlavaConfig, train_bpe_tokenizer
     from bpo.models.tiny import build_processor as tiny_processor
 
@@ -186,12 +209,28 @@ def build_processor(spec: ModelSpec, seed: int):
     rng = random.Random(seed)
     texts = [" ".join(rng.sample(words, 40)) for _ in range(400)]
     texts += ["USER: ASSISTANT:", "?", "."] * 50
+    if spec.family == "qwen2_5_vl":
+        return shapes.build_qwen2_5_vl_processor(spec, texts)
     tokenizer = train_bpe_tokenizer(texts, vocab_size=1024)
     config = TinyLlavaConfig(image_size=spec.image_size, patch_size=spec.patch_size)
     # CLIP's normalization; the images are noise, so the values only need to be sane.
     config.image_mean = (0.48145466, 0.4578275, 0.40821073)
     config.image_std = (0.26862954, 0.26130258, 0.27577711)
     return tiny_processor(config, tokenizer)
+
+
+def build_model(settings: Settings, processor):
+    """A randomly initialised model of `settings.spec`, on its device: LLaVA here, others from
+    `shapes.py`."""
+    import torch
+
+    spec = settings.spec
+    if spec.family == "qwen2_5_vl":
+        dtype = getattr(torch, settings.dtype)
+        return shapes.build_qwen2_5_vl(
+            spec, processor, settings.device, dtype, settings.attn, settings.seed
+        )
+    return build_llava(settings, processor)
 
 
 def build_llava(settings: Settings, processor):
@@ -377,7 +416,7 @@ def run_bpo(settings: Settings) -> dict[str, Any]:
 
     processor = build_processor(settings.spec, settings.seed)
     images = load_images(settings)
-    model = build_llava(settings, processor)
+    model = build_model(settings, processor)
     memory = PeakMemory(settings.device)
     memory.reset()
 
@@ -488,7 +527,7 @@ def run_trl(settings: Settings, no_ref: bool) -> dict[str, Any]:
 
     processor = build_processor(settings.spec, settings.seed)
     dataset = trl_dataset(settings, with_refs=no_ref)
-    model = build_llava(settings, processor)
+    model = build_model(settings, processor)
     memory = PeakMemory(settings.device)
     memory.reset()
 
@@ -576,16 +615,17 @@ def _trl_tokens(out: dict[str, Any]) -> dict[str, float]:
 
 
 def _param_counts(model) -> dict[str, int]:
-    """Parameters doing matmuls per token: vision tower, projector, decoder layers, LM head."""
+    """Parameters doing matmuls per token: vision tower, projector, decoder layers, LM head
+    (Qwen: `visual.merger` is the projector, the rest of `visual` the tower)."""
     counts = {"vision": 0, "projector": 0, "lm": 0, "head": 0, "trainable": 0}
     for name, p in model.named_parameters():
         counts["trainable"] += p.numel() if p.requires_grad else 0
         if "lora_" in name or "embed_tokens" in name or "position_embedding" in name:
             continue
-        if "vision_tower" in name:
-            counts["vision"] += p.numel()
-        elif "multi_modal_projector" in name:
+        if "multi_modal_projector" in name or "visual.merger" in name:
             counts["projector"] += p.numel()
+        elif "vision_tower" in name or "visual." in name:
+            counts["vision"] += p.numel()
         elif "lm_head" in name:
             counts["head"] += p.numel()
         elif "language_model" in name:
@@ -626,9 +666,7 @@ def ideal_speedups(
     """TRL's step FLOPs over bpo's per pair, with and without TRL's reference forward (the
     token-count model of the module docstring)."""
     p, c, r = tokens["prefix"], tokens["chosen"], tokens["rejected"]
-    vis = (
-        2 * counts["vision"] * (spec.image_tokens + 1) + 2 * counts["projector"] * spec.image_tokens
-    )
+    vis = 2 * counts["vision"] * spec.vision_positions + 2 * counts["projector"] * spec.image_tokens
 
     def lm(t: float, s: float) -> float:
         return 2 * counts["lm"] * t + 2 * counts["head"] * s
@@ -761,6 +799,12 @@ def mib(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="LLaVA-1.5-7B-shaped, bf16, on cuda:0")
+    parser.add_argument(
+        "--family",
+        default="llava",
+        choices=sorted(CPU_SPECS),
+        help="the CPU model's shape: LLaVA (default) or Qwen2.5-VL (shapes.py)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the settings and exit")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     parser.add_argument("--steps", type=int, help="measured steps (CPU 8, GPU 10)")
@@ -798,7 +842,9 @@ def main() -> None:
     device = args.device or ("cuda:0" if args.gpu else "cpu")
     if device.startswith("cuda") and not args.dry_run and not torch.cuda.is_available():
         raise SystemExit(f"device {device} needs CUDA; torch.cuda.is_available() is False here")
-    spec = GPU_SPEC if args.gpu else CPU_SPEC
+    if args.gpu and args.family != "llava":
+        raise SystemExit(f"--family {args.family} has a CPU shape only; --gpu is LLaVA-1.5-7B's")
+    spec = GPU_SPEC if args.gpu else CPU_SPECS[args.family]
     if args.vision_layers:
         spec = replace(spec, vision_layers=args.vision_layers)
     if args.text_layers:
@@ -834,12 +880,15 @@ def main() -> None:
         seed=0,
     )
     print(f"command: {COMMAND} {' '.join(sys.argv[1:])}".rstrip())
-    print(
-        f"model: LLaVA-shaped, random init: CLIP {spec.vision_layers}x{spec.vision_hidden} "
+    shape = (
+        shapes.describe_qwen2_5_vl(spec)
+        if spec.family == "qwen2_5_vl"
+        else f"LLaVA-shaped, random init: CLIP {spec.vision_layers}x{spec.vision_hidden} "
         f"({spec.image_size}px/{spec.patch_size} -> {spec.image_tokens} image tokens), Llama "
         f"{spec.text_layers}x{spec.text_hidden} (mlp {spec.text_intermediate}, vocab "
-        f"{spec.vocab_size}); {settings.dtype} weights on {device}, {settings.attn} attention"
+        f"{spec.vocab_size})"
     )
+    print(f"model: {shape}; {settings.dtype} weights on {device}, {settings.attn} attention")
     print(
         f"both sides: LoRA r={settings.lora_r} alpha={settings.lora_alpha} dropout 0 on the "
         f"language model's q/k/v/o/gate/up/down; batch {settings.batch_size} pairs; AdamW lr "
@@ -913,10 +962,11 @@ def report(
     summary["peak_mem_mib_bpo"] = round(bpo["peak_mem_bytes"] / 2**20, 1)
     summary["peak_mem_mib_trl"] = round(trl["peak_mem_bytes"] / 2**20, 1)
     summary["device"] = bpo["device"]
+    summary["family"] = settings.spec.family
     summary["text_layers"] = settings.spec.text_layers
     summary["gradient_checkpointing"] = settings.gradient_checkpointing
     summary["interleaved"] = not sequential
-    if not gpu:  # the target is for the CPU model
+    if not gpu and settings.spec.family == "llava":  # the target is for the CPU LLaVA model
         ok = summary["speedup"] >= 2.3 and summary["peak_mem_ratio"] <= 0.8
         print(
             f"target (2-core CPU): speedup >= 2.3 and peak_mem_ratio <= 0.8: {'met' if ok else 'NOT met'}"
