@@ -51,6 +51,8 @@ class Family:
         "generic" (an unknown family on the generic path).
     positions: "1d", or "mrope" (3-D positions from the model's `get_rope_index`).
     unsupported: why no stage can serve it (stops before any work), or None.
+    bidirectional_images: image tokens attend both ways inside their image block (Gemma 3,
+        given `token_type_ids`).
     image_embeds: whether the vLLM route of image weakening serves it: the engine takes the
         noised image's features as one (tokens, hidden) tensor per image. Families whose vLLM
         models want more with the embeddings (Qwen/GLM: the image grid) are not wired yet.
@@ -61,6 +63,7 @@ class Family:
     tier: str = "first"
     positions: str = "1d"
     unsupported: str | None = None
+    bidirectional_images: bool = False
     image_embeds: bool = False
 
 
@@ -71,7 +74,7 @@ FAMILIES = (
     Family("qwen2_vl", ("qwen2_vl",), positions="mrope"),
     Family("qwen2_5_vl", ("qwen2_5_vl",), positions="mrope"),
     Family("qwen3_vl", ("qwen3_vl", "qwen3_vl_moe"), positions="mrope"),
-    Family("gemma3", ("gemma3",)),
+    Family("gemma3", ("gemma3",), bidirectional_images=True),
     Family("internvl", ("internvl",)),
     Family("idefics3", ("idefics3", "smolvlm")),
     Family("mistral3", ("mistral3",)),
@@ -303,7 +306,7 @@ def attention_layout(model: Any) -> AttentionLayout:
         raise UnsupportedModelError(why)
     types, window = _layer_types(model)
     windows = {t: (window if t == "sliding_attention" else None) for t in types}
-    return AttentionLayout(windows, bidirectional_images=family_of(model).name == "gemma3")
+    return AttentionLayout(windows, bidirectional_images=family_of(model).bidirectional_images)
 
 
 def _rope_index_owner(model: Any) -> Any:

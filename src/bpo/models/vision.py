@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bpo.models.family import UnsupportedModelError, check_supported, language_model_name
+from bpo.models.family import UnsupportedModelError, family_of, language_model_name
 from bpo.models.load import ModelConfig, load_from_config, resolve_device, resolve_dtype
 
 
@@ -28,7 +28,7 @@ def load_image_encoder(model: ModelConfig) -> tuple[Any, Any]:
     device = resolve_device(model.device)
     dtype = str(resolve_dtype(model.dtype, device)).removeprefix("torch.")
     encoder, processor = load_from_config(replace(model, device="cpu", dtype=dtype))
-    family = check_supported(encoder)
+    family = family_of(encoder)  # load_from_config has refused unsupported families
     if not family.image_embeds:
         raise UnsupportedModelError(
             f"image weakening with the vLLM backend hands vLLM the noised image's features, which "
