@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
+
 from local_server import serving
 
 # reply(request body) -> (status, reply text or raw body, extra headers)

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import torch
-from local_server import serving
 from safetensors.torch import save_file
 
 from bpo.bootstrap.config import InjectConfig
@@ -31,6 +30,7 @@ from bpo.evaluate.judges import mmvet_messages, parse_mmvet_grade
 from bpo.evaluate.run import run_eval
 from bpo.models.load import ModelConfig, load_model_and_processor
 from bpo.models.tiny import build_tiny_causal_lm
+from local_server import serving
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
