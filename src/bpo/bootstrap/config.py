@@ -6,11 +6,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from bpo.bootstrap.noise import NUM_STEPS, SCHEDULES
 from bpo.endpoint import EndpointConfig, read_api_key
 from bpo.generate.config import Backend, VllmConfig, check_backend
-from bpo.models.devices import check_model
-from bpo.models.load import ModelConfig
+from bpo.models.config import ModelConfig, check_model
 
 EDIT_TYPES = (
     "swap_object",
@@ -93,6 +91,8 @@ def weaken_steps(config: WeakenConfig) -> list[int]:
 
 def check_weaken(config: WeakenConfig) -> None:
     """Raise ValueError naming the `weaken.` setting that cannot run."""
+    from bpo.bootstrap.noise import NUM_STEPS, SCHEDULES  # torch: only once a config is checked
+
     if config.schedule not in SCHEDULES:
         raise ValueError(
             f"weaken.schedule {config.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}"

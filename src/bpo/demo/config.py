@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from bpo.models.tiny import TinyLlavaConfig
+from bpo.models.config import TinyLlavaConfig
 from bpo.shapeworld.world import WorldConfig
 
 

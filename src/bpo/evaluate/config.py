@@ -21,8 +21,7 @@ from bpo.evaluate.benchmarks import (
     needs_judge,
 )
 from bpo.generate.config import GenerateConfig, check_generate_config
-from bpo.models.devices import check_model
-from bpo.models.load import ModelConfig
+from bpo.models.config import ModelConfig, check_model
 
 # BenchmarkConfig and BenchmarkName belong to the schema; they are defined beside the table.
 __all__ = [

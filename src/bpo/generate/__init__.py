@@ -9,25 +9,22 @@
 - `load.load_generator`: the backend a config names.
 """
 
-from bpo.generate.config import BACKENDS, Backend, Decoding, GenerateConfig, VllmConfig
-from bpo.generate.load import Generator, load_generator
-from bpo.generate.requests import Generation, GenerationRequest
-from bpo.generate.sampling import KeyedSampler, stream_seed
-from bpo.generate.transformers_backend import TransformersGenerator
-from bpo.generate.vllm_backend import VllmGenerator
+from bpo.utils.lazy import lazy_exports
 
-__all__ = [
-    "BACKENDS",
-    "Backend",
-    "Decoding",
-    "GenerateConfig",
-    "Generation",
-    "GenerationRequest",
-    "Generator",
-    "KeyedSampler",
-    "TransformersGenerator",
-    "VllmConfig",
-    "VllmGenerator",
-    "load_generator",
-    "stream_seed",
-]
+_EXPORTS = {
+    "BACKENDS": "config",
+    "Backend": "config",
+    "Decoding": "config",
+    "GenerateConfig": "config",
+    "Generation": "requests",
+    "GenerationRequest": "requests",
+    "Generator": "load",
+    "KeyedSampler": "sampling",
+    "TransformersGenerator": "transformers_backend",
+    "VllmConfig": "config",
+    "VllmGenerator": "vllm_backend",
+    "load_generator": "load",
+    "stream_seed": "sampling",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

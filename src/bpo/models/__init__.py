@@ -1,27 +1,17 @@
 """The model layer: load any image-text-to-text model and processor, build prompts, tiny models."""
 
-from bpo.models.load import (
-    count_image_tokens,
-    load_model_and_processor,
-    load_processor,
-    resolve_device,
-    resolve_dtype,
-)
-from bpo.models.prompts import (
-    IMAGE_PLACEHOLDER,
-    build_full_text,
-    build_prompt,
-    tokenize_prompt_and_answer,
-)
+from bpo.utils.lazy import lazy_exports
 
-__all__ = [
-    "IMAGE_PLACEHOLDER",
-    "build_full_text",
-    "build_prompt",
-    "count_image_tokens",
-    "load_model_and_processor",
-    "load_processor",
-    "resolve_device",
-    "resolve_dtype",
-    "tokenize_prompt_and_answer",
-]
+_EXPORTS = {
+    "IMAGE_PLACEHOLDER": "prompts",
+    "build_full_text": "prompts",
+    "build_prompt": "prompts",
+    "count_image_tokens": "load",
+    "load_model_and_processor": "load",
+    "load_processor": "load",
+    "resolve_device": "load",
+    "resolve_dtype": "load",
+    "tokenize_prompt_and_answer": "prompts",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,8 +1,9 @@
-"""Devices and dtypes: the names every stage's `model:` section accepts, resolved one way."""
+"""Devices and dtypes: the names every stage's `model:` section accepts, resolved one way.
+
+`bpo.models.config.check_model` checks a config's names with these before anything loads.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -52,27 +53,3 @@ def resolve_dtype(
         raise ValueError(
             f"unknown dtype {dtype!r}; use 'auto' or one of {', '.join(sorted(_DTYPES))}"
         ) from None
-
-
-def check_model(model: Any) -> None:
-    """Raise ValueError on a `model.dtype` or `model.device` the loader would refuse.
-
-    The loader refuses them only once the weights load, after the store has recorded them, so
-    the corrected rerun was refused as a config mismatch.
-    """
-    try:
-        resolve_dtype(model.dtype, "cpu")  # "cpu": the name is checked, no CUDA query for "auto"
-    except ValueError as error:
-        raise ValueError(f"model.dtype: {error}") from None
-    try:
-        device = resolve_device(model.device)
-    except RuntimeError:  # torch's message lists twenty device types
-        raise ValueError(
-            f"model.device {model.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps"
-        ) from None
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if device.type in available and not available[device.type]():
-        raise ValueError(
-            f"model.device {model.device!r} but torch sees no {device.type.upper()} device; "
-            "use auto or cpu"
-        )

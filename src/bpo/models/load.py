@@ -11,7 +11,6 @@ import inspect
 import json
 import sys
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +31,7 @@ from transformers import (
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, processor_class_from_name
 from transformers.utils import PushToHubMixin, is_torchvision_available
 
+from bpo.models.config import ModelConfig
 from bpo.models.devices import resolve_device, resolve_dtype
 
 _PICKLE_MESSAGE = (
@@ -406,18 +406,6 @@ def count_image_tokens(processor: ProcessorMixin, image: Image.Image | None = No
     # `<start_of_image>`), `<|IMG_PATCH|>` for Aya Vision; wrapper tokens appear once or twice.
     counts = Counter(encoded["input_ids"][0].tolist())
     return max(counts.values())
-
-
-@dataclass
-class ModelConfig:
-    """Which model a stage loads and how: the `model:` section of every stage's config."""
-
-    name_or_path: str
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    attn_implementation: str | None = None
-    revision: str | None = None
 
 
 def load_from_config(config: ModelConfig) -> tuple[PreTrainedModel, ProcessorMixin]:

@@ -9,7 +9,7 @@ the same `from_pretrained` path a user's `llava-hf/llava-1.5-7b-hf` takes, offli
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from bpo.models.config import TinyLlavaConfig
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
@@ -48,33 +50,6 @@ LLAVA_15_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-
-
-@dataclass
-class TinyLlavaConfig:
-    """Sizes of a tiny LLaVA model. Defaults give ~0.2M parameters: fast on one CPU core."""
-
-    image_size: int = 32
-    patch_size: int = 8
-    vision_hidden_size: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 4
-    vision_intermediate_size: int = 128
-    # -1: the last layer's patch features (a 2-layer tower has little to gain from LLaVA's -2).
-    vision_feature_layer: int = -1
-    text_hidden_size: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    text_intermediate_size: int = 192
-    vocab_size: int = 512
-    max_position_embeddings: int = 256
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
-
-    @property
-    def num_image_tokens(self) -> int:
-        """Image tokens per image: one per patch (the CLS position is dropped, strategy 'default')."""
-        return (self.image_size // self.patch_size) ** 2
 
 
 def train_bpe_tokenizer(

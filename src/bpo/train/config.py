@@ -12,7 +12,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from bpo.models.load import ModelConfig
+from bpo.models.config import ModelConfig
 
 # The keys of `bpo.train.losses.LOSSES`; the schema cannot import the losses (they import it).
 LossType = Literal["sigmoid", "ipo", "hinge"]
