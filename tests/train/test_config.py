@@ -21,7 +21,8 @@ def config(**overrides) -> TrainConfig:
     [
         (
             {"loss": LossSettings(loss_type="kto")},
-            "loss.loss_type must be one of 'sigmoid', 'ipo', 'hinge', got 'kto'",
+            "loss.loss_type must be one of 'sigmoid', 'cdpo', 'robust', 'ipo', 'ipo_sum', 'hinge', "
+            "got 'kto'",
         ),
         ({"loss": LossSettings(beta=0)}, "loss.beta must be > 0, got 0"),
         ({"loss": LossSettings(beta=float("nan"))}, "loss.beta must be > 0, got nan"),
@@ -31,11 +32,11 @@ def config(**overrides) -> TrainConfig:
         ),
         (
             {"loss": LossSettings(loss_type="ipo", label_smoothing=0.1)},
-            "applies only to loss.loss_type 'sigmoid' .*not 'ipo'; set label_smoothing to 0",
+            "read only by loss.loss_type 'cdpo' .*not 'ipo'; set label_smoothing to 0",
         ),
         (
             {"loss": LossSettings(loss_type="hinge", label_smoothing=0.1)},
-            "applies only to loss.loss_type 'sigmoid' .*not 'hinge'",
+            "read only by loss.loss_type 'cdpo' .*not 'hinge'",
         ),
         ({"loss": LossSettings(rpo_alpha=-1.0)}, r"loss.rpo_alpha must be >= 0 \(0: plain DPO\)"),
         ({"method": "kto"}, "method must be one of 'dpo', 'sft', got 'kto'"),
@@ -56,7 +57,8 @@ def test_a_bad_setting_names_its_field_and_value(overrides, message):
 
 def test_the_edges_of_the_ranges_are_allowed():
     """Noise steps 0 and 999 are the schedule's first and last; label_smoothing just below 0.5."""
-    check_config(config(noise_steps=[0, 999], loss=LossSettings(label_smoothing=0.49)))
+    smoothed = LossSettings(loss_type="cdpo", label_smoothing=0.49)
+    check_config(config(noise_steps=[0, 999], loss=smoothed))
 
 
 def test_a_bad_loss_setting_stops_train_before_the_model_loads():

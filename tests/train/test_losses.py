@@ -7,9 +7,16 @@ import math
 import pytest
 import torch
 
-from bpo.train.config import LossSettings
+from bpo.train.config import LossSettings, check_loss
 from bpo.train.logprobs import PairLogps
-from bpo.train.losses import LOSSES, average_logps, dpo_loss, nll_loss, preference_loss
+from bpo.train.losses import (
+    LOSSES,
+    average_logps,
+    dpo_loss,
+    nll_loss,
+    pooled_nll_loss,
+    preference_loss,
+)
 
 
 def t(*values: float) -> torch.Tensor:
@@ -40,23 +47,50 @@ def test_sigmoid_loss_at_zero_margin_is_log_two():
     assert losses.item() == pytest.approx(0.6931472, abs=1e-6)
 
 
-def test_label_smoothing_is_conservative_dpo():
+def test_cdpo_is_conservative_dpo_and_sigmoid_reads_no_smoothing():
     """beta=0.1, h=2, eps=0.1:
-    0.9 * -log sigmoid(0.2) + 0.1 * -log sigmoid(-0.2)
-    = 0.9 * 0.5981389 + 0.1 * log(1 + e^0.2) = 0.5383250 + 0.1 * 0.7981389 = 0.6181389.
+    cdpo: 0.9 * -log sigmoid(0.2) + 0.1 * -log sigmoid(-0.2)
+    = 0.9 * 0.5981389 + 0.1 * log(1 + e^0.2) = 0.5383250 + 0.1 * 0.7981389 = 0.6181389;
+    sigmoid with the same eps: plain DPO, 0.5981389.
     """
-    losses, _, _ = dpo_loss(*pair_with_margin(2.0), beta=0.1, label_smoothing=0.1)
-    assert losses.item() == pytest.approx(0.6181389, abs=1e-6)
+    cdpo, _, _ = dpo_loss(*pair_with_margin(2.0), loss_type="cdpo", label_smoothing=0.1)
+    plain, _, _ = dpo_loss(*pair_with_margin(2.0), loss_type="sigmoid", label_smoothing=0.1)
+    assert cdpo.item() == pytest.approx(0.6181389, abs=1e-6)
+    assert plain.item() == pytest.approx(0.5981389, abs=1e-6)
 
 
-def test_ipo_loss():
-    """IPO, TRL's form (h - 1/(2 beta))^2:
+def test_robust_dpo_subtracts_the_flipped_term_and_rescales():
+    """beta=0.1, eps=0.1: h=2: (0.9 * 0.5981389 - 0.1 * 0.7981389) / 0.8 = 0.4585111 / 0.8
+    = 0.5731389;  h=0: (0.9 - 0.1) * log 2 / 0.8 = log 2 = 0.6931472;  eps=0 is plain DPO."""
+    cases = [(2.0, 0.1, 0.5731389), (0.0, 0.1, 0.6931472), (2.0, 0.0, 0.5981389)]
+    for h, eps, expected in cases:
+        losses, _, _ = dpo_loss(*pair_with_margin(h), loss_type="robust", label_smoothing=eps)
+        assert losses.item() == pytest.approx(expected, abs=1e-6), (h, eps)
+
+
+def test_ipo_sum_loss():
+    """IPO on summed log-probs, (h - 1/(2 beta))^2:
     beta=0.1, h=2: (2 - 5)^2 = 9;  beta=0.25, h=3: (3 - 2)^2 = 1;  beta=0.25, h=2: 0.
     """
     cases = [(0.1, 2.0, 9.0), (0.25, 3.0, 1.0), (0.25, 2.0, 0.0)]
     for beta, h, expected in cases:
-        losses, _, _ = dpo_loss(*pair_with_margin(h), beta=beta, loss_type="ipo")
+        losses, _, _ = dpo_loss(*pair_with_margin(h), beta=beta, loss_type="ipo_sum")
         assert losses.item() == pytest.approx(expected, abs=1e-9), (beta, h)
+
+
+def test_ipo_compares_mean_per_token_log_ratios():
+    """pi_c=-4 (2 tokens), ref_c=-10: log-ratio 6, per token 3; pi_r=-9 (3 tokens), ref_r=-6:
+    log-ratio -3, per token -1; g = 3 + 1 = 4, beta=0.5: (4 - 1)^2 = 9 (ipo_sum: (9 - 1)^2 = 64).
+    The rewards stay summed: 0.5 * 6 = 3 and 0.5 * -3 = -1.5."""
+    logps = (t(-4.0), t(-9.0), t(-10.0), t(-6.0))
+    counts = {"chosen_tokens": torch.tensor([2]), "rejected_tokens": torch.tensor([3])}
+    losses, chosen, rejected = dpo_loss(*logps, beta=0.5, loss_type="ipo", **counts)
+    summed, _, _ = dpo_loss(*logps, beta=0.5, loss_type="ipo_sum", **counts)
+    assert losses.item() == pytest.approx(9.0, abs=1e-9)
+    assert summed.item() == pytest.approx(64.0, abs=1e-9)
+    assert (chosen.item(), rejected.item()) == pytest.approx((3.0, -1.5))
+    with pytest.raises(ValueError, match="'ipo' needs the answers' token counts"):
+        dpo_loss(*logps, loss_type="ipo")
 
 
 def test_hinge_loss():
@@ -110,6 +144,27 @@ def test_average_logps_and_empty_answer():
 def test_nll_loss_is_per_token():
     """-(-12) / 4 = 3 and -(-7) / 7 = 1."""
     assert nll_loss(t(-12.0, -7.0), torch.tensor([4, 7])).tolist() == [3.0, 1.0]
+
+
+def test_pooled_nll_shares_average_to_the_token_mean():
+    """-12 over 4 tokens and -2 over 1: pooled (12 + 2) / 5 = 2.8, shared per pair as 12 * 2/5
+    = 4.8 and 2 * 2/5 = 0.8 (mean 2.8); per pair the NLLs are 3 and 2 (mean 2.5)."""
+    pooled = pooled_nll_loss(t(-12.0, -2.0), torch.tensor([4, 1]))
+    assert pooled.tolist() == pytest.approx([4.8, 0.8])
+    assert nll_loss(t(-12.0, -2.0), torch.tensor([4, 1])).tolist() == [3.0, 2.0]
+
+
+def test_rpo_nll_setting_chooses_the_token_average():
+    """Two pairs, both h=2 with beta=0.1 (DPO 0.5981389 each); chosen -12 over 4 tokens and -2
+    over 1, alpha=0.5. per_pair: losses 0.5981389 + 0.5 * 3 = 2.0981389 and 0.5981389 + 0.5 * 2
+    = 1.5981389, nll 2.5; batch_tokens: 0.5981389 + 0.5 * 4.8 = 2.9981389 and 0.5981389 + 0.4
+    = 0.9981389, nll 2.8."""
+    args = (policy([-12.0, -2.0], [-10.0, -3.0], [4, 1], [2, 3]), t(-16.0, -3.0), t(-12.0, -2.0))
+    per_pair, m1 = preference_loss(*args, LossSettings(rpo_alpha=0.5))
+    pooled, m2 = preference_loss(*args, LossSettings(rpo_alpha=0.5, rpo_nll="batch_tokens"))
+    assert per_pair.tolist() == pytest.approx([2.0981389, 1.5981389], abs=1e-6)
+    assert pooled.tolist() == pytest.approx([2.9981389, 0.9981389], abs=1e-6)
+    assert (m1["nll"].item(), m2["nll"].item()) == pytest.approx((2.5, 2.8))
 
 
 def test_average_log_prob_changes_the_margin():
@@ -177,4 +232,32 @@ def test_every_configurable_loss_type_has_a_loss():
 
     from bpo.train.config import LossType
 
-    assert set(get_args(LossType)) == set(LOSSES) == {"sigmoid", "ipo", "hinge"}
+    expected = {"sigmoid", "cdpo", "robust", "ipo", "ipo_sum", "hinge"}
+    assert set(get_args(LossType)) == set(LOSSES) == expected
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            LossSettings(label_smoothing=0.1),
+            "loss.label_smoothing is read only by loss.loss_type 'cdpo' .* and 'robust' .*, "
+            "not 'sigmoid'; set label_smoothing to 0 or choose one of those",
+        ),
+        (LossSettings(loss_type="ipo", label_smoothing=0.1), "not 'ipo'"),
+        (
+            LossSettings(loss_type="ipo", average_log_prob=True),
+            "loss.average_log_prob would normalize loss.loss_type 'ipo' twice",
+        ),
+    ],
+)
+def test_check_loss_refuses_settings_no_loss_reads(settings, message):
+    with pytest.raises(ValueError, match=message):
+        check_loss(settings)
+
+
+def test_check_loss_accepts_smoothing_where_it_is_read():
+    """cdpo and robust read eps just below 0.5; ipo_sum may average the log-probs."""
+    for loss_type in ("cdpo", "robust"):
+        check_loss(LossSettings(loss_type=loss_type, label_smoothing=0.49))
+    check_loss(LossSettings(loss_type="ipo_sum", average_log_prob=True))

@@ -15,7 +15,11 @@ from typing import Any, Literal
 from bpo.models.config import ModelConfig
 
 # The keys of `bpo.train.losses.LOSSES`; the schema cannot import the losses (they import it).
-LossType = Literal["sigmoid", "ipo", "hinge"]
+# docs/dpo-vs-trl.md sets each beside TRL 1.16's loss of the same name.
+LossType = Literal["sigmoid", "cdpo", "robust", "ipo", "ipo_sum", "hinge"]
+SMOOTHED_LOSSES = ("cdpo", "robust")  # the loss types that read `label_smoothing`
+# Loss types whose margin compares mean per-token log-ratios whatever `average_log_prob` says.
+LENGTH_NORMALIZED_LOSSES = ("ipo",)
 NOISE_STEPS = 1000  # T of the diffusion schedule the weakened pairs were made with
 
 
@@ -25,7 +29,9 @@ class LoraSettings:
 
     r: int = 32  # adapter rank
     alpha: int = 256  # scaling numerator: the update is (alpha / r) * B @ A
-    dropout: float = 0.05  # on the adapter's input
+    # On the adapter's input, the paper's 0.05. TRL 1.16's DPOTrainer zeroes every dropout
+    # (disable_dropout=True); 0 here matches it (docs/dpo-vs-trl.md).
+    dropout: float = 0.05
     # Names of linear layers inside the language model to adapt ("q_proj", "down_proj"...);
     # null: every linear layer of the language model. The vision tower, the projector and the
     # LM head are never targeted (the projector trains through `projector_lr`).
@@ -38,9 +44,15 @@ class LossSettings:
     """The `loss:` section: DPO's options (see `bpo.train.losses.preference_loss`)."""
 
     beta: float = 0.1  # strength of the implicit KL penalty towards the reference
+    # sigmoid: DPO; cdpo: conservative DPO; robust: robust DPO (TRL's `robust`); ipo: IPO on mean
+    # per-token log-ratios (TRL's `ipo`); ipo_sum: IPO on summed log-probs; hinge: SLiC.
     loss_type: LossType = "sigmoid"
-    label_smoothing: float = 0.0  # conservative DPO: assumed chance a pair's labels are flipped
-    rpo_alpha: float = 0.0  # weight of the chosen answer's per-token NLL (RPO); 0: plain DPO
+    # The assumed chance a pair's labels are flipped; read only by `cdpo` and `robust`.
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0  # weight of the chosen answers' per-token NLL (RPO); 0: plain DPO
+    # How the RPO NLL averages tokens. per_pair: each chosen answer's NLL per token, then the mean
+    # over pairs; batch_tokens: every chosen token of the forward batch pooled (TRL's `sft` term).
+    rpo_nll: Literal["per_pair", "batch_tokens"] = "per_pair"
     average_log_prob: bool = False  # score answers by mean per-token log-prob instead of the sum
 
 
@@ -177,10 +189,16 @@ def check_loss(loss: LossSettings) -> None:
             f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing} (0.5 would make "
             "every label a coin flip)"
         )
-    if loss.label_smoothing and loss.loss_type != "sigmoid":
+    if loss.label_smoothing and loss.loss_type not in SMOOTHED_LOSSES:
         raise ValueError(
-            f"loss.label_smoothing applies only to loss.loss_type 'sigmoid' (conservative DPO), "
-            f"not {loss.loss_type!r}; set label_smoothing to 0 or use loss_type 'sigmoid'"
+            "loss.label_smoothing is read only by loss.loss_type 'cdpo' (conservative DPO) and "
+            f"'robust' (robust DPO), not {loss.loss_type!r}; set label_smoothing to 0 or choose "
+            "one of those loss types"
+        )
+    if loss.average_log_prob and loss.loss_type in LENGTH_NORMALIZED_LOSSES:
+        raise ValueError(
+            f"loss.average_log_prob would normalize loss.loss_type {loss.loss_type!r} twice: it "
+            "already compares mean per-token log-ratios; set average_log_prob to false"
         )
     if not loss.rpo_alpha >= 0:
         raise ValueError(f"loss.rpo_alpha must be >= 0 (0: plain DPO), got {loss.rpo_alpha}")

@@ -1,20 +1,27 @@
 """Preference losses as pure functions of per-pair answer log-probs (tensors of shape (B,)).
 
 Notation, as in the DPO paper: for a pair, pi_c and pi_r are the policy's summed log-probs of the
-chosen and rejected answers, ref_c and ref_r the frozen reference's. The implicit reward of an
-answer is beta * (pi - ref), and every loss here is a function of the reward margin's core
+chosen and rejected answers, ref_c and ref_r the frozen reference's, n_c and n_r the answers' token
+counts. The implicit reward of an answer is beta * (pi - ref), and every loss here is a function
+of the reward margin's core
 
-    h = (pi_c - pi_r) - (ref_c - ref_r)
+    h = (pi_c - ref_c) - (pi_r - ref_r)          (summed log-ratios)
+    g = (pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r   (mean per-token log-ratios)
 
-    sigmoid  -log sigmoid(beta * h)                      DPO (Rafailov et al., 2023)
-             -(1 - eps) log sigmoid(beta * h)            with label_smoothing eps: conservative
-               - eps log sigmoid(-beta * h)                DPO / cDPO (labels flipped w.p. eps)
-    ipo      (h - 1 / (2 * beta))^2                      IPO (Azar et al., 2023), TRL's form
-    hinge    relu(1 - beta * h)                          SLiC (Zhao et al., 2023)
+    sigmoid  -log sigmoid(beta * h)                          DPO (Rafailov et al., 2023)
+    cdpo     -(1 - eps) log sigmoid(beta * h)                conservative DPO (Mitchell, 2023):
+               - eps log sigmoid(-beta * h)                    labels flipped w.p. eps
+    robust   [-(1 - eps) log sigmoid(beta * h)               robust DPO (Chowdhury et al., 2024),
+               + eps log sigmoid(-beta * h)] / (1 - 2 eps)     unbiased under flips w.p. eps
+    ipo      (g - 1 / (2 * beta))^2                          IPO (Azar et al., 2023), length-
+                                                               normalized as TRL 1.16's `ipo`
+    ipo_sum  (h - 1 / (2 * beta))^2                          IPO on summed log-probs
+    hinge    relu(1 - beta * h)                              SLiC (Zhao et al., 2023)
 
-`preference_loss` adds the RPO term (Pang et al., 2024): alpha * the chosen answer's NLL per token,
-and optionally scores answers by their mean per-token log-prob instead of the sum (both policy and
-reference, so h compares like with like).
+`preference_loss` adds the RPO term (Pang et al., 2024), alpha * the chosen answers' NLL per token
+(per pair, or pooled over the batch's tokens), and optionally scores answers by their mean
+per-token log-prob instead of the sum (both policy and reference, so h compares like with like).
+docs/dpo-vs-trl.md sets each option beside TRL 1.16's.
 
 The settings are checked once, before training (`bpo.train.config.check_loss`), not per step.
 """
@@ -27,13 +34,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bpo.train.config import LossSettings
+from bpo.train.config import LENGTH_NORMALIZED_LOSSES, LossSettings
 from bpo.train.logprobs import PairLogps
 
 
 def _sigmoid(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    return -F.logsigmoid(beta * h)
+
+
+def _cdpo(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # The expected DPO loss when each label is flipped with chance eps.
     logits = beta * h
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def _robust(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # The flipped term is subtracted and the sum rescaled, so the loss is unbiased under flips.
+    logits = beta * h
+    clean = -(1 - label_smoothing) * F.logsigmoid(logits)
+    flipped = -label_smoothing * F.logsigmoid(-logits)
+    return (clean - flipped) / (1 - 2 * label_smoothing)
 
 
 def _ipo(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
@@ -47,7 +67,10 @@ def _hinge(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
 
 LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
     "sigmoid": _sigmoid,
-    "ipo": _ipo,
+    "cdpo": _cdpo,
+    "robust": _robust,
+    "ipo": _ipo,  # on g: dpo_loss divides the log-ratios by the token counts first
+    "ipo_sum": _ipo,
     "hinge": _hinge,
 }
 
@@ -60,24 +83,34 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair preference loss and the implicit rewards: (losses, chosen_rewards, rejected_rewards).
 
-    All inputs are (B,); so are the outputs. The rewards, beta * (policy - reference), are detached:
-    they are metrics, not part of the graph.
+    All inputs are (B,); so are the outputs. The rewards, beta * (policy - reference) of the
+    log-probs given, are detached: they are metrics, not part of the graph.
 
     Args:
         beta: the strength of the implicit KL penalty towards the reference.
-        loss_type: "sigmoid" (DPO), "ipo" or "hinge"; see the module docstring.
-        label_smoothing: the assumed chance that a pair's labels are flipped (conservative DPO);
-            only with loss_type "sigmoid".
+        loss_type: a key of `LOSSES`; see the module docstring.
+        label_smoothing: the assumed chance a pair's labels are flipped; read by "cdpo" and
+            "robust" only.
+        chosen_tokens, rejected_tokens: the answers' token counts (B,); needed by "ipo".
     """
-    policy_margin = policy_chosen_logps - policy_rejected_logps  # (B,)
-    ref_margin = ref_chosen_logps - ref_rejected_logps  # (B,)
-    h = policy_margin - ref_margin  # (B,)
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
+    if loss_type in LENGTH_NORMALIZED_LOSSES:
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError(f"loss_type {loss_type!r} needs the answers' token counts")
+        h = average_logps(chosen_logratios, chosen_tokens) - average_logps(
+            rejected_logratios, rejected_tokens
+        )
+    else:
+        h = chosen_logratios - rejected_logratios  # (B,)
     losses = LOSSES[loss_type](h, beta, label_smoothing)
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
 
 
@@ -97,6 +130,22 @@ def nll_loss(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
     return -average_logps(chosen_logps, chosen_tokens)
 
 
+def pooled_nll_loss(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
+    """The batch's chosen-token NLL pooled over all its tokens, as per-pair shares (B,).
+
+    The shares' mean is sum(-chosen_logps) / sum(chosen_tokens) (TRL's `sft` loss), so a trainer
+    that averages per-pair losses gets the pooled mean; a long answer weighs more than a short one.
+    """
+    total = chosen_tokens.sum().clamp(min=1).to(chosen_logps.dtype)
+    return -chosen_logps * (chosen_logps.numel() / total)
+
+
+RPO_NLL: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "per_pair": nll_loss,
+    "batch_tokens": pooled_nll_loss,
+}
+
+
 def preference_loss(
     policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor, settings: LossSettings
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -106,11 +155,13 @@ def preference_loss(
     logging (and pays no device sync here).
 
     loss = preference loss (on summed, or with `average_log_prob` mean per-token, log-probs)
-           + rpo_alpha * chosen NLL per token.
+           + rpo_alpha * chosen NLL per token (per pair, or pooled over the batch: `rpo_nll`).
 
     Metrics: rewards/chosen, rewards/rejected, rewards/accuracies (share of pairs whose chosen
     reward beats the rejected one strictly), rewards/margins, logps/chosen, logps/rejected (the
-    policy's summed log-probs, whatever `average_log_prob` says), and nll when rpo_alpha > 0.
+    policy's summed log-probs, whatever `average_log_prob` says), and nll when rpo_alpha > 0. The
+    rewards are beta * (policy - reference) of the log-probs the loss is given: mean per-token
+    ones with `average_log_prob` (TRL 1.16 always logs summed ones), summed ones for "ipo".
 
     Args:
         policy: the policy's summed log-probs and the answers' token counts, which the reference
@@ -126,6 +177,8 @@ def preference_loss(
         beta=settings.beta,
         loss_type=settings.loss_type,
         label_smoothing=settings.label_smoothing,
+        chosen_tokens=policy.chosen_tokens,
+        rejected_tokens=policy.rejected_tokens,
     )
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
@@ -136,7 +189,7 @@ def preference_loss(
         "logps/rejected": policy.rejected.detach().mean(),
     }
     if settings.rpo_alpha > 0:
-        nll = nll_loss(policy.chosen, policy.chosen_tokens)
+        nll = RPO_NLL[settings.rpo_nll](policy.chosen, policy.chosen_tokens)
         losses = losses + settings.rpo_alpha * nll
         metrics["nll"] = nll.detach().mean()
     return losses, metrics
