@@ -87,6 +87,9 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; overrides `epochs` when set
     batch_size: int = 1  # pairs per device per forward pass
     grad_accum: int = 1  # forward passes per optimizer step
+    # Batch pairs of similar packed-row length (each epoch's shuffle sorted within mega-batches,
+    # then the batches shuffled): far less padding. false: a plain seeded shuffle.
+    group_by_length: bool = True
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of the forward (accelerate)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     # Tokens per answer branch, image tokens included; longer answers are cut (and counted).

@@ -189,23 +189,95 @@ class Collator:
         return Collated(batch, bad)
 
 
+# Batches per mega-batch when grouping by length, at most: transformers' LengthGroupedSampler
+# uses the same 50, or fewer so that an epoch has at least 4 mega-batches (below).
+LENGTH_GROUP_BATCHES = 50
+
+
+def row_lengths(pairs: Sequence[PreferencePair], processor: Any) -> list[int]:
+    """Each pair's packed-row length in tokens, estimated from its text alone.
+
+    The prompt's message texts plus both answers, tokenized in one batched call without the chat
+    template, the image, or any image loading. What this leaves out (the template's tokens, the
+    image's) is the same for every image pair of a model family, so it moves all rows alike and
+    never changes which rows are similar; text is what varies between pairs.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    prompts = ["\n".join(message["content"] for message in p.prompt) for p in pairs]
+    texts = prompts + [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    n = len(pairs)
+    return [len(ids[i]) + len(ids[n + i]) + len(ids[2 * n + i]) for i in range(n)]
+
+
+def _length_grouped(
+    order: list[int], lengths: Sequence[int], chunk: int, step: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """Global batches of `chunk` pairs of similar length from a shuffled epoch `order`.
+
+    The order is cut into mega-batches of up to LENGTH_GROUP_BATCHES steps of `step` pairs (a
+    multiple of `chunk`), each sorted by row length (longest first; ties keep the shuffled order)
+    and cut into steps; the full steps are shuffled, the full step holding the longest row goes
+    first (a batch too large for memory fails at the first step), a short last step stays last. Each
+    step is then cut into global batches. Grouping whole steps keeps one process accumulating N
+    micro-batches on the pairs that N processes take per step.
+    """
+    per_mega = max(1, min(LENGTH_GROUP_BATCHES, len(order) // (step * 4)))
+    size = step * per_mega
+    steps = []
+    for start in range(0, len(order), size):
+        mega = sorted(order[start : start + size], key=lambda i: -lengths[i])
+        steps += [mega[at : at + step] for at in range(0, len(mega), step)]
+    short = [steps.pop()] if steps and len(steps[-1]) < step else []
+    # Its own stream (a third key): the pair shuffle stays the one the plain order draws.
+    shuffled = np.random.default_rng([seed, epoch, 1]).permutation(len(steps))
+    steps = [steps[k] for k in shuffled]
+    if steps:
+        longest = max(range(len(steps)), key=lambda k: lengths[steps[k][0]])
+        steps.insert(0, steps.pop(longest))
+    return [s[at : at + chunk] for s in steps + short for at in range(0, len(s), chunk)]
+
+
 def epoch_batches(
-    num_pairs: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+    num_pairs: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    lengths: Sequence[int] | None = None,
+    grad_accum: int = 1,
 ) -> list[list[int]]:
     """This process's micro-batches (pair indices) for an epoch: a seeded shuffle, recomputable.
 
     With several processes the order is cut into global batches of `batch_size * world` pairs,
     the last one filled by wrapping around (as DistributedSampler does), so every process runs the
-    same number of forward passes.
+    same number of forward passes. Each process takes its slice of every global batch.
+
+    Args:
+        lengths: each pair's row length (`row_lengths`); given, the batches group pairs of
+            similar length (`_length_grouped`), so little of a batch is padding. Same count of
+            batches of the same sizes either way, and the same for the same (seed, epoch).
+        grad_accum: micro-batches per optimizer step; with `lengths`, whole steps are grouped.
     """
+    if lengths is not None and len(lengths) != num_pairs:
+        raise ValueError(f"lengths holds {len(lengths)} row lengths for {num_pairs} pairs")
     order = np.random.default_rng([seed, epoch]).permutation(num_pairs).tolist()
     chunk = batch_size * world
     if world > 1 and len(order) % chunk:
         order += order[: chunk - len(order) % chunk]
-    return [
-        order[start + rank * batch_size : start + (rank + 1) * batch_size]
-        for start in range(0, len(order), chunk)
-    ]
+    if lengths is None:
+        batches = [order[start : start + chunk] for start in range(0, len(order), chunk)]
+    else:
+        batches = _length_grouped(order, lengths, chunk, chunk * grad_accum, seed, epoch)
+    return [batch[rank * batch_size : (rank + 1) * batch_size] for batch in batches]
+
+
+def padded_share(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """Padding tokens / all tokens of the right-padded (B, longest row) tensors of `batches`."""
+    total = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches if batch)
+    real = sum(lengths[i] for batch in batches for i in batch)
+    return (total - real) / total if total else 0.0
 
 
 # --- reference scores ----------------------------------------------------------------------

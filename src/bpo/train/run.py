@@ -55,7 +55,7 @@ from bpo.data.records import PreferencePair
 from bpo.train import checkpoint, distributed
 from bpo.train.batch import PairBatch, pad_token_id
 from bpo.train.config import TrainConfig, check_config, flat_config
-from bpo.train.data import Collated, Collator, PairDataset, check_store, epoch_batches
+from bpo.train.data import Collated, Collator, PairDataset, check_store, epoch_batches, row_lengths
 from bpo.train.fingerprint import pairs_fingerprint
 from bpo.train.limits import naming_out_of_memory, resolve_max_length
 from bpo.train.logprobs import chosen_logps, pair_logps
@@ -95,6 +95,8 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.backward_scale = distributed.backward_scale(accelerator, config.grad_accum)
         self.collate = Collator(pad_token_id(processor), refs)
+        # Row lengths for length-grouped batches, from the text once per run (None: plain order).
+        self.lengths = row_lengths(dataset.pairs, processor) if config.group_by_length else None
         world = accelerator.num_processes
         micro_per_epoch = len(epoch_batches(len(dataset), config.batch_size, 0, 0, 0, world))
         steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
@@ -232,7 +234,14 @@ class Trainer:
             while self.step < self.total_steps:
                 rank, world = acc.process_index, acc.num_processes
                 batches = epoch_batches(
-                    len(self.dataset), cfg.batch_size, cfg.seed, self.epoch, rank, world
+                    len(self.dataset),
+                    cfg.batch_size,
+                    cfg.seed,
+                    self.epoch,
+                    rank,
+                    world,
+                    self.lengths,
+                    cfg.grad_accum,
                 )
                 # Its own generator: a loader otherwise draws its seed from the global RNG, and a
                 # resumed run would then draw one more time than an uninterrupted one (dropout).
