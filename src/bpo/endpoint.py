@@ -4,8 +4,9 @@ The endpoint is whatever serves `POST {base_url}/chat/completions`: OpenAI, a lo
 `transformers serve`. The client keeps at most `concurrency` requests in flight, retries 429, 5xx,
 network errors and bad replies (not the chat completions format, content that is not text, too
 long, too slow) with exponential backoff (honouring Retry-After), re-asks when a reply does not
-parse, and caches every parsed reply on disk under a hash of (model, messages), so a rerun never
-pays for the same reply twice. The API key is read from the environment variable the config names
+parse, and caches every parsed reply on disk under a hash of everything that shapes the reply
+(model, temperature, max_tokens, messages), so a rerun never pays for the same reply twice, and a
+change of any of them asks again. The API key is read from the environment variable the config names
 and is sent in the Authorization header only: it is never written anywhere, and replies or errors
 that echo it, or any fragment of it, are redacted.
 
@@ -16,6 +17,8 @@ every network wait by `_DeadlineBackend`) and a size limit (`max_reply_bytes`, r
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -119,9 +122,26 @@ def redact(text: str, key: str | None) -> str:
     return "".join(pieces) + text[end:]
 
 
-def reply_key(model: str, messages: Messages) -> str:
-    """The cache key: a SHA-256 of the endpoint's model and the exact messages."""
-    blob = json.dumps({"model": model, "messages": messages}, sort_keys=True, ensure_ascii=False)
+def reply_key(
+    model: str,
+    messages: Messages,
+    temperature: float = EndpointConfig.temperature,
+    max_tokens: int = EndpointConfig.max_tokens,
+) -> str:
+    """The cache key: a SHA-256 of every request setting that shapes the reply, and the messages.
+
+    temperature, max_tokens: the request's (by default EndpointConfig's defaults).
+
+    Re-asks warmer (`parse_retries`) are kept under the key of the first ask: the cache holds the
+    parsed answer to this request at these settings.
+    """
+    request = {
+        "model": model,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "messages": messages,
+    }
+    blob = json.dumps(request, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -299,10 +319,27 @@ class ChatClient:
     def _redact(self, text: str) -> str:
         return redact(text, self._key)
 
+    def _key_of(self, messages: Messages) -> str:
+        config = self.config
+        return reply_key(config.model, messages, config.temperature, config.max_tokens)
+
+    def with_settings(self, **settings: Any) -> ChatClient:
+        """This client asking with other request settings (model, temperature, max_tokens,
+        parse_retries); the connection, the key and the reply cache are shared, so close only the
+        client they were opened by. None keeps a setting as it is."""
+        allowed = {"model", "temperature", "max_tokens", "parse_retries"}
+        unknown = set(settings) - allowed
+        if unknown:
+            raise TypeError(f"with_settings takes {sorted(allowed)}, not {sorted(unknown)}")
+        changes = {k: v for k, v in settings.items() if v is not None}
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, **changes)
+        return other
+
     def _name(self, messages: Messages) -> str:
         """How an error names a request: its cache key and the end of its last message."""
         tail = " ".join(str(messages[-1].get("content", "")).split()) if messages else ""
-        return f"request {reply_key(self.config.model, messages)[:12]} (...{tail[-60:]!r})"
+        return f"request {self._key_of(messages)[:12]} (...{tail[-60:]!r})"
 
     def _wait(self, attempt: int, retry_after: float | None) -> float:
         wait = self.config.backoff_s * 2**attempt * (1 + 0.25 * random.random())
@@ -401,7 +438,7 @@ class ChatClient:
 
         parse: reply text -> value, raising ValueError when the reply is unusable.
         """
-        key = reply_key(self.config.model, messages)
+        key = self._key_of(messages)
         cached = self.cache.get(key)
         if cached is not None:
             try:

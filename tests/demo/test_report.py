@@ -179,6 +179,12 @@ def test_marks_exactly_the_shapes_the_gold_caption_does_not_name():
         (".", None),
     ]
     assert mark_hallucinations("Two Rings", truth) == [("Two ", None), ("Rings", "hallucinated")]
+    # A hyphen compound is one word, as CHAIR tokenizes it: "circle-shaped" names no shape.
+    assert mark_hallucinations("a circle-shaped cross", truth) == [
+        ("a circle-shaped ", None),
+        ("cross", "hallucinated"),
+    ]
+    assert mentioned_shapes("a circle-shaped cross") == ["cross"]
     # The pieces marked are the mentions CHAIR counts, for every answer of the fixture.
     for answers in ANSWERS.values():
         for answer, scene in zip(answers, SCENES, strict=True):

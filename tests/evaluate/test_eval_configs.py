@@ -29,13 +29,51 @@ def test_eval_configs_match_the_schema(path):
     check_config(run)  # every judged benchmark has a judge, every benchmark a source of answers
 
 
-def test_the_paper_config_lists_the_papers_benchmarks():
+ALL_BENCHMARKS = [
+    "object_halbench",
+    "pope",
+    "mmvet",
+    "llava_bench",
+    "amber_generative",
+    "amber_discriminative",
+    "mmhal",
+]
+
+
+def parse_run(path: Path) -> EvalConfig:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--out", type=str)
     parser.add_argument("--run", type=EvalConfig)
-    run = parser.instantiate(parser.parse_path(str(CONFIGS / "llava-1.5-7b.yaml"))).run
-    assert [b.name for b in run.benchmarks] == ["object_halbench", "pope", "mmvet", "llava_bench"]
+    return parser.instantiate(parser.parse_path(str(path))).run
+
+
+@pytest.mark.parametrize(
+    ("name", "model"),
+    [
+        ("llava-1.5-7b.yaml", "llava-hf/llava-1.5-7b-hf"),
+        ("qwen2.5-vl-7b.yaml", "Qwen/Qwen2.5-VL-7B-Instruct"),
+    ],
+)
+def test_the_model_configs_cover_all_seven_benchmarks(name, model):
+    """The paper's four, AMBER's two tasks and MMHal-Bench, AMBER scored with the reference's
+    matcher (NLTK nouns, en_core_web_lg similarity above 0.8), on the same data for both models."""
+    run = parse_run(CONFIGS / name)
+    assert run.model.name_or_path == model
+    assert [b.name for b in run.benchmarks] == ALL_BENCHMARKS
     assert run.judge.api_key_env == "OPENAI_API_KEY"
+    generative = run.benchmarks[4]
+    assert (generative.amber_nouns, generative.amber_similarity, generative.amber_threshold) == (
+        "nltk",
+        "spacy:en_core_web_lg",
+        0.8,
+    )
+    assert run.benchmarks[5].amber_dimensions == ["existence", "attribute", "relation"]
+
+
+def test_both_model_configs_read_the_same_data():
+    """Runs compared side by side must score the same questions the same way."""
+    llava, qwen = (parse_run(CONFIGS / n) for n in ("llava-1.5-7b.yaml", "qwen2.5-vl-7b.yaml"))
+    assert llava.benchmarks == qwen.benchmarks and llava.judge == qwen.judge
 
 
 def test_an_unknown_key_is_refused(tmp_path):

@@ -105,11 +105,11 @@ def test_a_custom_vocabulary():
 
 
 def test_objects_listed_by_a_judge():
-    """Names de-duplicated as written (so "dogs" and "dog" are two names, "Dog" a repeat), each
-    mapped alone, seat dropped beside a toilet:
-    ["dogs", "dog", "Dog", "toilet", "seat", "red car"] -> dog, dog, toilet, car."""
+    """Names singularized, then de-duplicated (as RLHF-V does): "dogs", "dog", "Dog" are one
+    dog; "red car" is its noun, car; seat is dropped beside a toilet:
+    ["dogs", "dog", "Dog", "toilet", "seat", "red car"] -> dog, toilet, car."""
     names = ["dogs", "dog", "Dog", "toilet", "seat", "red car"]
-    assert objects_to_categories(names) == ["dog", "dog", "toilet", "car"]
+    assert objects_to_categories(names) == ["dog", "toilet", "car"]
 
 
 def test_extraction_is_cached_per_word():

@@ -57,22 +57,31 @@ def test_unusable_mmvet_grades_raise(reply):
 
 
 def test_mmvet_scores_on_a_worked_case():
-    """grades 1.0 (rec), 0.5 (ocr+math), None (rec, unparsable), 0.0 (math):
-    total = 100 * (1.0 + 0.5 + 0.0) / 3 = 50; rec = 100 * 1.0 / 1 = 100 (the None left out);
-    ocr = 50; math = 100 * (0.5 + 0.0) / 2 = 25; combination math_ocr = 50, rec = 100, math = 0."""
+    """grades 1.0 (rec), 0.5 (ocr+math), None (rec, unparsable: 0.0), 0.0 (math):
+    total = 100 * (1.0 + 0.5 + 0.0 + 0.0) / 4 = 37.5; rec = 100 * (1.0 + 0.0) / 2 = 50;
+    ocr = 50; math = 100 * (0.5 + 0.0) / 2 = 25; combination math_ocr = 50, rec = 50, math = 0."""
     scores = mmvet_scores([1.0, 0.5, None, 0.0], [["rec"], ["ocr", "math"], ["rec"], ["math"]])
-    assert scores["total"] == pytest.approx(50.0)
+    assert scores["total"] == pytest.approx(37.5)
     assert scores["capability"] == {
         "math": pytest.approx(25.0),
         "ocr": pytest.approx(50.0),
-        "rec": pytest.approx(100.0),
+        "rec": pytest.approx(50.0),
     }
     assert scores["combination"] == {
         "math": pytest.approx(0.0),
         "math_ocr": pytest.approx(50.0),
-        "rec": pytest.approx(100.0),
+        "rec": pytest.approx(50.0),
     }
     assert (scores["graded"], scores["unparsable"]) == (3, 1)
+
+
+def test_unparsable_grades_count_as_zero_as_mm_vet_scores_them():
+    """18 items graded 1.0 and 2 whose grade never parsed: MM-Vet's evaluator scores those 0.0,
+    so total = 100 * 18 / 20 = 90 (leaving them out would say 100)."""
+    scores = mmvet_scores([1.0] * 18 + [None] * 2, [["rec"]] * 20)
+    assert scores["total"] == pytest.approx(90.0)
+    assert scores["capability"] == {"rec": pytest.approx(90.0)}
+    assert (scores["graded"], scores["unparsable"]) == (18, 2)
 
 
 def test_mmvet_scores_with_nothing_graded_are_zero():
@@ -113,10 +122,13 @@ def test_llava_bench_scores_on_a_worked_case():
     assert scores["unparsable"] == 1
 
 
-def test_parse_object_list():
-    assert parse_object_list('Objects: ["dog", "traffic light"]') == ["dog", "traffic light"]
+def test_parse_object_list_as_rlhf_v_reads_replies():
+    """The whole reply as JSON; else, when it holds '["', its last line as JSON. So a list after
+    a preamble line parses, and a list inside a sentence on one line does not."""
+    assert parse_object_list('["dog", "traffic light"]') == ["dog", "traffic light"]
+    assert parse_object_list('Here they are:\n["dog", "cat"]') == ["dog", "cat"]
     assert parse_object_list("[]") == []
-    for bad in ["dog, cat", '["dog", 3]', "[dog]"]:
+    for bad in ["dog, cat", '["dog", 3]', "[dog]", 'Objects: ["dog"]', '{"objects": ["dog"]}']:
         with pytest.raises(ValueError):
             parse_object_list(bad)
 
@@ -235,6 +247,29 @@ def test_a_cached_judgment_is_reused_by_a_new_client(judge_server, tmp_path):
     with ChatClient(config(judge_server, model="other"), cache_dir=tmp_path) as client:
         assert client.ask(messages, parse_mmvet_grade).value == 0.1
     assert reply_key("judge-model", messages) != reply_key("other", messages)
+
+
+def test_the_cache_key_covers_every_setting_that_changes_a_reply(judge_server, tmp_path):
+    """One question asked at temperature 0.0 and 0.2, and with 3 and 1024 max_tokens: each is
+    another request, so none is served another's cached reply (4 requests, 4 replies)."""
+    replies = iter(["0.1", "0.2", "0.3", "0.4"])
+    judge_server.reply = lambda body: (200, next(replies), {})
+    messages = mmvet_messages("Q", "A", "B")
+    values = []
+    with ChatClient(config(judge_server), cache_dir=tmp_path) as client:
+        for settings in [{}, {"temperature": 0.2}, {"max_tokens": 3}, {"max_tokens": 1024}]:
+            values.append(client.with_settings(**settings).ask(messages, parse_mmvet_grade).value)
+        again = client.with_settings(temperature=0.2).ask(messages, parse_mmvet_grade)
+    assert values == [0.1, 0.2, 0.3, 0.4]
+    assert (again.value, again.cached) == (0.2, True)
+    assert [(s.body["temperature"], s.body["max_tokens"]) for s in judge_server.seen] == [
+        (0.0, 512),
+        (0.2, 512),
+        (0.0, 3),
+        (0.0, 1024),
+    ]
+    keys = {reply_key("judge-model", messages, t, m) for t, m in [(0.0, 512), (0.2, 512)]}
+    assert len(keys) == 2
 
 
 def test_the_cache_survives_a_kill_mid_write(judge_server, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bpo.data.files import read_json_lines
+from bpo.data.vocab import word_tokens
 from bpo.demo.claim import claim_sentence
 from bpo.shapeworld.export import read_scenes
 from bpo.shapeworld.world import SHAPES, caption, shape_vocabulary
@@ -153,22 +154,27 @@ def mark_hallucinations(
     """The answer cut into (text, kind) pieces: kind 'hallucinated' for a shape the gold caption
     `truth` does not name, 'object' for one it names, None for other text.
 
-    Words are read as CHAIR reads them (letter runs, singularized, looked up in the ShapeWorld
+    Words are read as CHAIR reads them (`word_tokens`, singularized, looked up in the ShapeWorld
     vocabulary, which has no two-word phrases), so the pieces marked are exactly the mentions
-    `chair_scores` counts.
+    `chair_scores` counts; each token is found in the answer after the previous one.
     """
     vocabulary = shape_vocabulary(tuple(shapes))
     present = {category for _, category in vocabulary.mentions(truth)}
     pieces: list[tuple[str, str | None]] = []
-    last = 0
-    for match in re.finditer(r"[A-Za-z]+", answer):
-        category = vocabulary.synonyms.get(vocabulary.singular(match.group().lower()))
+    last = cursor = 0
+    lowered = answer.lower()
+    for token in word_tokens(lowered):
+        start = lowered.find(token, cursor)
+        if start < 0:  # a token the tokenizer respelled (quotes): no object word
+            continue
+        cursor = start + len(token)
+        category = vocabulary.synonyms.get(vocabulary.singular(token))
         if category is None:
             continue
-        if match.start() > last:
-            pieces.append((answer[last : match.start()], None))
-        pieces.append((match.group(), "object" if category in present else "hallucinated"))
-        last = match.end()
+        if start > last:
+            pieces.append((answer[last:start], None))
+        pieces.append((answer[start:cursor], "object" if category in present else "hallucinated"))
+        last = cursor
     if last < len(answer):
         pieces.append((answer[last:], None))
     return pieces

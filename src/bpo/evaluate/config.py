@@ -3,13 +3,14 @@
 `check_config` validates every setting it can without reading a file, so a config that cannot run
 to the end fails before any model loads: unknown benchmark names, repeated labels, options set on
 a benchmark that does not read them, a judged benchmark without a judge, a benchmark with neither
-a model nor an answers file, a model dtype or device the loader would refuse, generation settings
+a model nor an answers file, judge settings out of range or a judge prompt file that is not there, a model dtype or device the loader would refuse, generation settings
 that cannot decode or a backend that is not installed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bpo.endpoint import EndpointConfig
 from bpo.evaluate.benchmarks import (
@@ -41,7 +42,10 @@ class EvalConfig:
     benchmarks: list[BenchmarkConfig] = field(default_factory=list)
     model: ModelConfig | None = None  # null when every benchmark has an `answers` file
     generation: GenerateConfig = field(default_factory=GenerateConfig)
-    judge: EndpointConfig | None = None  # needed by mmvet, llava_bench, judge_objects
+    # The judge's endpoint, needed by mmvet, llava_bench, judge_objects. Its temperature,
+    # max_tokens and parse_retries apply only where a benchmark has no default of its own; each
+    # benchmark's `judge:` overrides them and the model (docs/evaluation.md).
+    judge: EndpointConfig | None = None
     name: str | None = None  # the run's column title in `bpo compare`; default the folder name
 
 
@@ -52,6 +56,27 @@ def _check_counts(bench: BenchmarkConfig) -> None:
             raise ValueError(
                 f"benchmark {bench.key}: {option} is {value}; use a positive number or null"
             )
+
+
+def _check_judge_settings(bench: BenchmarkConfig) -> None:
+    settings = bench.judge
+    if settings.temperature is not None and not 0.0 <= settings.temperature <= 2.0:
+        raise ValueError(
+            f"benchmark {bench.key}: judge.temperature is {settings.temperature}; use 0 to 2, or "
+            "null for the benchmark's default"
+        )
+    for option, least in (("max_tokens", 1), ("parse_retries", 0)):
+        value = getattr(settings, option)
+        if value is not None and value < least:
+            raise ValueError(
+                f"benchmark {bench.key}: judge.{option} is {value}; use at least {least}, or "
+                "null for the benchmark's default"
+            )
+    if bench.judge_prompt is not None and not Path(bench.judge_prompt).is_file():
+        raise ValueError(
+            f"benchmark {bench.key}: judge_prompt {bench.judge_prompt} is not a file; fix the "
+            "path (docs/evaluation.md says where each reference prompt comes from)"
+        )
 
 
 def check_benchmark(config: EvalConfig, bench: BenchmarkConfig) -> None:
@@ -66,6 +91,7 @@ def check_benchmark(config: EvalConfig, bench: BenchmarkConfig) -> None:
         )
     _check_counts(bench)
     spec.check(bench)
+    _check_judge_settings(bench)
     if needs_judge(bench) and config.judge is None:
         raise ValueError(judge_missing(bench))
     if bench.answers is None and config.model is None:

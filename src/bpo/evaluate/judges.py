@@ -5,15 +5,51 @@ correctness grade against a ground truth that may join parts with <AND> or list 
 <OR> (Yu et al., 2023), and LLaVA-Bench's pairwise 1-10 review of the model's answer beside the
 reference answer, with the image given as text (Liu et al., 2023). The judge is any
 OpenAI-compatible endpoint, asked through `bpo.endpoint.ChatClient`.
+
+Each judged benchmark can instead be asked with the reference protocol's own prompt, from a file
+the user has (`PromptFile`): LLaVA's `rule.json`, MM-Vet's grading prompt, RLHF-V's object
+extraction prompt. The request is then laid out as the reference script lays it out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from bpo.endpoint import Messages
+
+
+@dataclass(frozen=True)
+class PromptFile:
+    """A judge prompt read from a file: its path, its text and the text's SHA-256."""
+
+    path: str
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return sha256(self.text)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_prompt_file(path: str | Path, setting: str) -> PromptFile:
+    """The prompt file a benchmark's `setting` names; a missing or empty file fails naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{setting}: prompt file {path} not found; fix the path")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{setting}: prompt file {path} is empty; put the judge's prompt in it")
+    return PromptFile(str(path), text)
+
 
 # --- MM-Vet ---------------------------------------------------------------------------------
 
@@ -51,8 +87,20 @@ Question: Why is the road wet? | Ground truth: It has been raining: the sky is g
 carry umbrellas. | Answer: Because it rained. | Grade: 0.6"""
 
 
-def mmvet_messages(question: str, ground_truth: str, answer: str) -> Messages:
-    """The grading request for one MM-Vet item."""
+def mmvet_messages(
+    question: str, ground_truth: str, answer: str, prompt: PromptFile | None = None
+) -> Messages:
+    """The grading request for one MM-Vet item.
+
+    prompt: MM-Vet's own grading prompt (the evaluator's few-shot table); the request is then one
+        user message, the prompt and a table row left for the grade to complete, as
+        `mm-vet_evaluator.py` builds it: "{prompt}\n{question} | {ground truth} | {answer} | ",
+        with spaces around <AND> and <OR>.
+    """
+    if prompt is not None:
+        spaced = ground_truth.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
+        row = " | ".join([question, spaced, answer, ""])
+        return [{"role": "user", "content": f"{prompt.text}\n{row}"}]
     item = f"Question: {question} | Ground truth: {ground_truth} | Answer: {answer} | Grade:"
     return [
         {"role": "system", "content": MMVET_SYSTEM},
@@ -84,34 +132,29 @@ def mmvet_scores(grades: Sequence[float | None], capabilities: Sequence[Sequence
 
     A capability's score is the mean grade of the items that need it (an item needing OCR and
     math counts for both); a combination's ("math_ocr", names sorted) of the items that need
-    exactly those. Items whose grade is None (unparsable) are left out of every mean and counted
-    in `unparsable`; a mean over no item is 0.
+    exactly those. An item whose grade never parsed (None) counts as 0.0 in every mean, as MM-Vet's
+    evaluator scores an item after its tries run out, and is counted in `unparsable`.
     """
     if len(grades) != len(capabilities):
         raise ValueError(f"{len(grades)} grades but {len(capabilities)} capability lists")
     by_capability: dict[str, list[float]] = {}
     by_combination: dict[str, list[float]] = {}
-    graded = []
-    for grade, needs in zip(grades, capabilities, strict=True):
+    scored = [0.0 if grade is None else grade for grade in grades]
+    for grade, needs in zip(scored, capabilities, strict=True):
         for name in needs:
-            by_capability.setdefault(name, [])
-        by_combination.setdefault("_".join(sorted(needs)), [])
-        if grade is None:
-            continue
-        graded.append(grade)
-        for name in needs:
-            by_capability[name].append(grade)
-        by_combination["_".join(sorted(needs))].append(grade)
+            by_capability.setdefault(name, []).append(grade)
+        by_combination.setdefault("_".join(sorted(needs)), []).append(grade)
 
     def percent(values: list[float]) -> float:
         return 100 * sum(values) / len(values) if values else 0.0
 
+    unparsable = sum(grade is None for grade in grades)
     return {
-        "total": percent(graded),
+        "total": percent(scored),
         "capability": {k: percent(v) for k, v in sorted(by_capability.items())},
         "combination": {k: percent(v) for k, v in sorted(by_combination.items())},
-        "graded": len(graded),
-        "unparsable": len(grades) - len(graded),
+        "graded": len(grades) - unparsable,
+        "unparsable": unparsable,
     }
 
 
@@ -139,10 +182,66 @@ space. From the second line on, explain the ratings in a few sentences. Do not l
 the answers or their length sway you."""
 
 
-def llava_bench_messages(
-    question: str, context: str, reference: str, answer: str, category: str
+# The system message of LLaVA's `eval_gpt_review_bench.py`, sent with the rule file's prompts.
+LLAVA_RULE_SYSTEM = (
+    "You are a helpful and precise assistant for checking the quality of the answer."
+)
+
+
+def read_rules(prompt: PromptFile) -> dict[str, dict[str, str]]:
+    """LLaVA's rule.json: {key: {"role": ..., "prompt": ...}}; anything else fails naming the key."""
+    try:
+        rules = json.loads(prompt.text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{prompt.path} is not JSON ({exc}); use LLaVA's rule.json") from None
+    if not isinstance(rules, dict):
+        raise ValueError(f"{prompt.path}: a rule file is a JSON object of rules; use rule.json")
+    for key, rule in rules.items():
+        if not (isinstance(rule, dict) and all(isinstance(rule.get(f), str) for f in RULE_FIELDS)):
+            raise ValueError(
+                f"{prompt.path}: rule {key!r} needs text fields 'role' and 'prompt'; fix the rule"
+            )
+    return rules
+
+
+RULE_FIELDS = ("role", "prompt")
+
+
+def _rule_messages(
+    rule: dict[str, str], question: str, context: Any, reference: str, answer: str
 ) -> Messages:
-    """The review request: Assistant 1 is the reference answer, Assistant 2 the model's."""
+    """The request as `eval_gpt_review_bench.py` lays it out for one rule of rule.json."""
+    role = rule["role"]
+    caption = "\n".join(context) if isinstance(context, list) else str(context)
+    content = (
+        f"[Context]\n{caption}\n\n[Question]\n{question}\n\n"
+        f"[{role} 1]\n{reference}\n\n[End of {role} 1]\n\n"
+        f"[{role} 2]\n{answer}\n\n[End of {role} 2]\n\n[System]\n{rule['prompt']}\n\n"
+    )
+    return [{"role": "system", "content": LLAVA_RULE_SYSTEM}, {"role": "user", "content": content}]
+
+
+def llava_bench_messages(
+    question: str,
+    context: Any,
+    reference: str,
+    answer: str,
+    category: str,
+    rules: dict[str, dict[str, str]] | None = None,
+) -> Messages:
+    """The review request: Assistant 1 is the reference answer, Assistant 2 the model's.
+
+    rules: LLaVA's rule.json (`read_rules`); its rule `llava_bench_{category}` is asked, laid out
+        as LLaVA's script lays it out (context lines, question, both answers, the rule's prompt).
+    """
+    if rules is not None:
+        key = f"llava_bench_{category}"
+        if key not in rules:
+            raise ValueError(
+                f"the rule file has no rule {key!r} for category {category!r}; use LLaVA's "
+                "rule.json, which has one per LLaVA-Bench category"
+            )
+        return _rule_messages(rules[key], question, context, reference, answer)
     focus = LLAVA_BENCH_FOCUS.get(category, "")
     instructions = LLAVA_BENCH_INSTRUCTIONS.format(focus=focus).replace("  ", " ").rstrip()
     user = (
@@ -227,21 +326,46 @@ reply [] when there is none.
 {answer}"""
 
 
-def object_messages(question: str, answer: str) -> Messages:
-    """The request for the objects an answer mentions."""
+# RLHF-V asks nothing about an answer of this many words or fewer: it lists no object.
+SHORT_ANSWER_WORDS = 3
+
+
+def is_short_answer(answer: str) -> bool:
+    return len(answer.split()) <= SHORT_ANSWER_WORDS
+
+
+def object_messages(question: str, answer: str, prompt: PromptFile | None = None) -> Messages:
+    """The request for the objects an answer mentions.
+
+    prompt: RLHF-V's extraction prompt, with `{question}` and `{answer}` where the item goes; it
+        is sent, filled, as one system message, as `eval_gpt_obj_halbench.py` sends it.
+    """
+    if prompt is not None:
+        missing = [f for f in ("{question}", "{answer}") if f not in prompt.text]
+        if missing:
+            raise ValueError(
+                f"prompt file {prompt.path} lacks {' and '.join(missing)}; mark where the "
+                "question and the answer go"
+            )
+        content = prompt.text.replace("{question}", question).replace("{answer}", answer)
+        return [{"role": "system", "content": content}]
     content = OBJECTS_INSTRUCTIONS.format(question=question, answer=answer)
     return [{"role": "user", "content": content}]
 
 
 def parse_object_list(text: str) -> list[str]:
-    """The JSON list of strings in a reply (the outermost [...]); ValueError if there is none."""
-    start, end = text.find("["), text.rfind("]")
-    if start == -1 or end < start:
-        raise ValueError(f"no JSON list in the reply {text[:80]!r}")
+    """The object names in a reply, read as RLHF-V reads them: the reply as JSON, else (when it
+    holds '["') its last line as JSON; ValueError unless that is a list of strings."""
     try:
-        value = json.loads(text[start : end + 1])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"the list in the reply is not JSON ({exc}): {text[:80]!r}") from None
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        if '["' not in text:
+            raise ValueError(f"no JSON list in the reply {text[:80]!r}") from None
+        last = text.strip().split("\n")[-1]
+        try:
+            value = json.loads(last)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"the reply's last line is not JSON ({exc}): {last[:80]!r}") from None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"the reply's list is not a list of strings: {text[:80]!r}")
+        raise ValueError(f"the reply is not a JSON list of strings: {text[:80]!r}")
     return value

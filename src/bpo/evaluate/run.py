@@ -7,8 +7,12 @@ Layout of the output folder:
 - `{benchmark}/judgments.jsonl`: the per-question scoring (parsed answer, mentions, grades, the
   judge's reply), rewritten on every run;
 - `judge_cache/judgments.jsonl`: the judge's parsed replies by hash; a rerun asks nothing twice;
-- `results.json`: metrics per benchmark, the model, the config, library versions;
-- `results.md`: the metrics as a markdown table; `bpo compare RUN...` sets runs side by side;
+- `results.json`: metrics per benchmark, how each judged benchmark was judged (`protocol`: bpo's
+  prompts or a file's, the prompt's SHA-256, the judge model and settings), the model, the
+  config, library versions;
+- `results.md`: the metrics as a markdown table, a judged number asked with bpo's own prompts
+  marked (it is not comparable with published numbers); `bpo compare RUN...` sets runs side by
+  side;
 - `.lock`: held while a run writes the folder, so two runs into one --out never answer twice.
 """
 
@@ -24,7 +28,13 @@ from typing import Any
 from bpo.data.files import write_atomic
 from bpo.endpoint import ChatClient
 from bpo.evaluate.answers import ModelHolder, ensure_answers
-from bpo.evaluate.benchmarks import benchmark, needs_judge, read_items
+from bpo.evaluate.benchmarks import (
+    benchmark,
+    judge_protocol,
+    judge_settings,
+    needs_judge,
+    read_items,
+)
 from bpo.evaluate.config import EvalConfig, check_config
 from bpo.train.outputs import lock_output
 from bpo.utils.versions import versions
@@ -50,11 +60,29 @@ def _cell(value: float | None) -> str:
     return f"{value:.4f}" if abs(value) < 1.5 else f"{value:.2f}"
 
 
-def markdown_table(runs: dict[str, dict[str, dict[str, Any]]]) -> str:
+# How results.md marks a number judged with bpo's own prompts rather than the reference protocol's.
+OWN_PROMPTS_MARK = "†"
+OWN_PROMPTS_NOTE = (
+    f"{OWN_PROMPTS_MARK} judged with bpo's own prompts (bpo protocol only): comparable between "
+    "bpo runs, not with published numbers; see docs/evaluation.md for the reference protocol files"
+)
+
+
+def own_prompt_benchmarks(protocol: dict[str, dict[str, Any]]) -> set[str]:
+    """The benchmarks of a results.json `protocol` that were judged with bpo's own prompts."""
+    return {bench for bench, entry in protocol.items() if entry.get("prompts") == "bpo"}
+
+
+def markdown_table(
+    runs: dict[str, dict[str, dict[str, Any]]], own_prompts: dict[str, set[str]] | None = None
+) -> str:
     """Runs side by side: a row per (benchmark, metric), a column per run ('-' where absent).
 
     runs: {run name: {benchmark: metrics}} (metrics nested as results.json holds them).
+    own_prompts: {run name: benchmarks judged with bpo's own prompts}; their numbers are marked
+        with OWN_PROMPTS_MARK and the table ends with OWN_PROMPTS_NOTE.
     """
+    own_prompts = own_prompts or {}
     names = list(runs)
     rows: dict[tuple[str, str], dict[str, float]] = {}
     for name, benchmarks in runs.items():
@@ -65,9 +93,16 @@ def markdown_table(runs: dict[str, dict[str, dict[str, Any]]]) -> str:
         "| benchmark | metric | " + " | ".join(names) + " |",
         "|---|---|" + "---:|" * len(names),
     ]
+    marked = False
     for (bench, metric), values in rows.items():
-        cells = " | ".join(_cell(values.get(n)) for n in names)
-        lines.append(f"| {bench} | {metric} | {cells} |")
+        cells = []
+        for n in names:
+            mark = n in values and bench in own_prompts.get(n, set())
+            marked |= mark
+            cells.append(_cell(values.get(n)) + (OWN_PROMPTS_MARK if mark else ""))
+        lines.append(f"| {bench} | {metric} | {' | '.join(cells)} |")
+    if marked:
+        lines += ["", OWN_PROMPTS_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -102,12 +137,17 @@ def _run_locked(
             config.judge, cache_dir=out / "judge_cache", cache_name="judgments.jsonl"
         )
     results: dict[str, Any] = {}
+    protocol: dict[str, Any] = {}
     try:
         for bench in config.benchmarks:
             folder = out / bench.key
             items = read_items(bench)
             answers = ensure_answers(config, bench, items, folder, model, log, progress)
-            metrics, records = benchmark(bench).score(bench, items, answers, client)
+            judge = None
+            if client is not None and needs_judge(bench):
+                protocol[bench.key] = judge_protocol(bench, config.judge)
+                judge = client.with_settings(**judge_settings(bench, config.judge))
+            metrics, records = benchmark(bench).score(bench, items, answers, judge)
             write_atomic(folder / "judgments.jsonl", _json_lines(records))
             results[bench.key] = metrics
             log(f"{bench.key}: scored {len(items)} questions")
@@ -119,19 +159,22 @@ def _run_locked(
         "name": name,
         "model": config.model.name_or_path if config.model else None,
         "benchmarks": results,
+        "protocol": protocol,
         "config": asdict(config),
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - started, 1),
     }
     write_atomic(out / "results.json", json.dumps(summary, indent=2) + "\n")
-    write_atomic(out / "results.md", f"# {name}\n\n" + markdown_table({name: results}))
+    table = markdown_table({name: results}, {name: own_prompt_benchmarks(protocol)})
+    write_atomic(out / "results.md", f"# {name}\n\n" + table)
     return summary
 
 
 def compare_runs(runs: Sequence[str | Path]) -> str:
     """The markdown table of several runs' results.json, side by side."""
     table: dict[str, dict[str, dict[str, Any]]] = {}
+    own_prompts: dict[str, set[str]] = {}
     for run in runs:
         path = Path(run)
         path = path / "results.json" if path.is_dir() else path
@@ -142,4 +185,5 @@ def compare_runs(runs: Sequence[str | Path]) -> str:
         while name in table:  # two runs of one name stay two columns
             name += "'"
         table[name] = data["benchmarks"]
-    return markdown_table(table)
+        own_prompts[name] = own_prompt_benchmarks(data.get("protocol", {}))
+    return markdown_table(table, own_prompts)

@@ -89,11 +89,15 @@ def score_object_halbench(
     coco_instances: Sequence[str],
     coco_captions: Sequence[str],
     client: ChatClient | None = None,
+    prompt: judges.PromptFile | None = None,
 ) -> Scored:
     """CHAIR against COCO ground truth (segmentations + captions).
 
     client: None extracts the mentioned objects from the words (CHAIR's rules); a judge client
-        has the judge list them (RLHF-V style), mapped to COCO categories one name at a time.
+        has the judge list them, as RLHF-V's judged Object HalBench does: an answer of three
+        words or fewer lists none and is not asked about; the names map to COCO categories as
+        `vocab.objects_to_categories` maps them.
+    prompt: the extraction prompt file to ask with instead of bpo's.
     """
     image_ids = [item.fields["image_id"] for item in items]
     truth_by_image = chair.coco_ground_truth(coco_instances, coco_captions, image_ids)
@@ -103,15 +107,20 @@ def score_object_halbench(
         mentions = [vocab.extract_objects(text) for text in texts]
         metrics, records = chair_records(items, answers, mentions, truth)
     else:
-        prompts = [
-            judges.object_messages(item.prompt, t) for item, t in zip(items, texts, strict=True)
-        ]
-        judged = client.ask_all(prompts, judges.parse_object_list)
-        mentions = [vocab.objects_to_categories(j.value or []) for j in judged]
+        asked = [i for i, text in enumerate(texts) if not judges.is_short_answer(text)]
+        prompts = [judges.object_messages(items[i].prompt, texts[i], prompt) for i in asked]
+        replies = dict(zip(asked, client.ask_all(prompts, judges.parse_object_list), strict=True))
+        objects = [replies[i].value if i in replies else [] for i in range(len(items))]
+        mentions = [vocab.objects_to_categories(names or []) for names in objects]
         metrics, records = chair_records(items, answers, mentions, truth)
-        for record, j in zip(records, judged, strict=True):
-            record.update({"objects": j.value, **judgment_fields(j)})
-        metrics["unparsable"] = sum(j.value is None for j in judged)
+        for i, (record, names) in enumerate(zip(records, objects, strict=True)):
+            record["objects"] = names
+            if i in replies:
+                record.update(judgment_fields(replies[i]))
+            else:
+                record["short_answer"] = True
+        metrics["unparsable"] = sum(r.value is None for r in replies.values())
+        metrics["short_answers"] = len(items) - len(asked)
     for record, item in zip(records, items, strict=True):
         record["image_id"] = item.fields["image_id"]
     return metrics, records
@@ -127,13 +136,16 @@ class JudgedBenchmark:
     messages(item, answer): the judge's request about one answer;
     parse(reply text): the parsed value, raising ValueError when the reply does not parse;
     scores(parsed values, items): the metrics, a value None where the reply did not parse;
-    record(item, answer, value): the record's fields between question_id and the judge fields.
+    record(item, answer, value): the record's fields between question_id and the judge fields;
+    file_messages(item, answer, prompt file): the request when the config names a prompt file
+        (None: the benchmark takes no prompt file).
     """
 
     messages: Callable[[EvalItem, str], Messages]
     parse: Callable[[str], Any]
     scores: Callable[[list[Any], Sequence[EvalItem]], dict[str, Any]]
     record: Callable[[EvalItem, str, Any], dict[str, Any]]
+    file_messages: Callable[[EvalItem, str, judges.PromptFile], Messages] | None = None
 
 
 def score_judged(
@@ -141,9 +153,20 @@ def score_judged(
     items: Sequence[EvalItem],
     answers: dict[str, str],
     client: ChatClient,
+    prompt: judges.PromptFile | None = None,
 ) -> Scored:
-    """Ask the judge about every answer, score the parsed replies, and name the unparsable ones."""
-    prompts = [benchmark.messages(item, answers[item.question_id]) for item in items]
+    """Ask the judge about every answer, score the parsed replies, and name the unparsable ones.
+
+    prompt: a prompt file to ask with instead of the benchmark's own prompt.
+    """
+    if prompt is None:
+        prompts = [benchmark.messages(item, answers[item.question_id]) for item in items]
+    elif benchmark.file_messages is None:
+        raise ValueError(f"{prompt.path}: this benchmark takes no judge prompt file; remove it")
+    else:
+        prompts = [
+            benchmark.file_messages(item, answers[item.question_id], prompt) for item in items
+        ]
     judged = client.ask_all(prompts, benchmark.parse)
     values = [j.value for j in judged]
     metrics = benchmark.scores(values, items)
@@ -173,6 +196,9 @@ MMVET = JudgedBenchmark(
         "capability": item.fields["capability"],
         "grade": grade,
     },
+    file_messages=lambda item, answer, prompt: judges.mmvet_messages(
+        item.prompt, item.fields["answer"], answer, prompt
+    ),
 )
 
 LLAVA_BENCH = JudgedBenchmark(
@@ -194,4 +220,12 @@ LLAVA_BENCH = JudgedBenchmark(
         "reference_score": review[0] if review else None,
         "model_score": review[1] if review else None,
     },
+    file_messages=lambda item, answer, prompt: judges.llava_bench_messages(
+        item.prompt,
+        item.fields["context"],
+        item.fields["reference"],
+        answer,
+        item.fields["category"],
+        judges.read_rules(prompt),
+    ),
 )
