@@ -15,7 +15,7 @@ import datasets
 import pytest
 from data_helpers import png_bytes
 
-import bpo.bootstrap.run as bootstrap_run
+import bpo.bootstrap.chunk as bootstrap_chunk
 from bpo.bootstrap.config import BootstrapConfig, InjectConfig, WeakenConfig
 from bpo.bootstrap.run import run_bootstrap
 from bpo.cli import main
@@ -252,7 +252,7 @@ def test_bootstrap_holds_one_batch_of_decoded_images_at_a_time(
         alive.append(weakref.ref(image))
         return image
 
-    monkeypatch.setattr(bootstrap_run, "load_image", counting_load)
+    monkeypatch.setattr(bootstrap_chunk, "load_image", counting_load)
     config = bootstrap_config(
         tiny_llava_folder,
         data,

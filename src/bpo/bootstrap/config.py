@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from bpo.endpoint import EndpointConfig, read_api_key
 from bpo.generate.config import Backend, VllmConfig, check_backend
+from bpo.generate.ray_cluster import RayConfig, check_ray_config
 from bpo.models.config import ModelConfig, check_model
 
 EDIT_TYPES = (
@@ -82,6 +83,9 @@ class BootstrapConfig:
     # rewrites in an offline vLLM engine (a CUDA GPU and `pip install 'bpo[vllm]'`).
     backend: Backend = "transformers"
     vllm: VllmConfig = field(default_factory=VllmConfig)  # the engine's options (backend "vllm")
+    # Make the chunks on a Ray cluster, one model replica per actor (`pip install 'bpo[ray]'`);
+    # null: in this process. Either way the store is the same, and either resumes the other's.
+    ray: RayConfig | None = None
 
 
 def weaken_steps(config: WeakenConfig) -> list[int]:
@@ -185,10 +189,18 @@ def check_config(config: BootstrapConfig) -> None:
     if config.inject is not None:
         check_inject(config.inject)
     check_backend(config.backend)  # a missing vllm fails here, before the store is opened
+    if config.ray is not None:
+        check_ray_config(config.ray)  # so does a missing ray
+        tensor_parallel = config.vllm.tensor_parallel_size
+        if config.backend == "vllm" and config.ray.gpus_per_replica < tensor_parallel:
+            raise ValueError(
+                f"backend 'vllm' on Ray needs ray.gpus_per_replica >= vllm.tensor_parallel_size "
+                f"({tensor_parallel}), got {config.ray.gpus_per_replica}: one engine per replica"
+            )
 
 
 # Fields that change where or how fast output is written, never what it holds.
-NOT_IN_STORE_CONFIG = ("out", "chunk_size", "shard_size")
+NOT_IN_STORE_CONFIG = ("out", "chunk_size", "shard_size", "ray")
 
 
 def store_config(config: BootstrapConfig) -> dict[str, Any]:

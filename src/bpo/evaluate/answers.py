@@ -9,7 +9,9 @@ In a benchmark's output folder:
   file), so that a rerun with other settings is refused instead of mixing answers.
 
 Answers come from the benchmark's `answers` file when it has one, else from the model, loaded on
-first use (`ModelHolder`), so a run that only scores answer files never loads a model.
+first use (`ModelHolder`), so a run that only scores answer files never loads a model. With a
+`ray:` section the chunks are answered by model replicas on a Ray cluster (`answer_chunk` in
+each) and written here in order: the same answers, file and resume as a run in this process.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from bpo.evaluate.benchmarks import BenchmarkConfig, benchmark, prompt_suffix, q
 from bpo.evaluate.config import EvalConfig
 from bpo.evaluate.datasets import EvalItem, load_item_image
 from bpo.generate import GenerateConfig, GenerationRequest, Generator, load_generator, stream_seed
+from bpo.generate.config import Decoding
+from bpo.generate.ray_cluster import ordered_map
 from bpo.models.load import ModelConfig
 from bpo.utils.console import progress_bar
 
@@ -205,24 +209,63 @@ def ensure_answers(
         append_json_lines(path, records)
         answers.update({r["question_id"]: r["answer"] for r in records})
         return answers
-    generator = model.get(bench)
     log(f"{bench.key}: generating {len(missing)} answers ({len(items) - len(missing)} reused)")
     decoding = config.generation.decoding(_max_new_tokens(config, bench))
     # Written a chunk at a time, so an interrupted run loses at most one chunk.
     chunk = max(1, config.generation.batch_size) * 8
-    groups = _same_questions(config, bench, missing)
+    # Groups over all items, not only the missing ones, and only missing members written: a
+    # resumed file then continues the records of an uninterrupted run in their order (a kill
+    # leaves a prefix of them), so it ends up the same bytes.
+    missing_ids = {item.question_id for item in missing}
+    groups = [
+        group
+        for group in _same_questions(config, bench, items)
+        if any(item.question_id in missing_ids for item in group)
+    ]
+    parts = [groups[start : start + chunk] for start in range(0, len(groups), chunk)]
+    answered = _answered(config, bench, parts, decoding, model)
     with progress_bar(f"answers ({bench.key})", len(groups), enabled=progress) as advance:
-        for start in range(0, len(groups), chunk):
-            part = groups[start : start + chunk]
-            asked = [group[0] for group in part]
-            generations = generator.generate(_requests(config, bench, asked), decoding)
+        for part, texts in zip(parts, answered, strict=True):
             records = [
-                {"question_id": item.question_id, "answer": generation.text}
-                for group, generation in zip(part, generations, strict=True)
+                {"question_id": item.question_id, "answer": text}
+                for group, text in zip(part, texts, strict=True)
                 for item in group
+                if item.question_id in missing_ids
             ]
             append_json_lines(path, records)
             answers.update({r["question_id"]: r["answer"] for r in records})
             for _ in part:
                 advance(0)
     return answers
+
+
+def _answered(
+    config: EvalConfig,
+    bench: BenchmarkConfig,
+    parts: Sequence[Sequence[Sequence[EvalItem]]],
+    decoding: Decoding,
+    model: ModelHolder,
+):
+    """The answer texts of each chunk of question groups, chunk by chunk in order."""
+    asked = [[group[0] for group in part] for part in parts]
+    if config.ray is not None:
+        yield from ordered_map(asked, answer_chunk, (config, bench, decoding), config.ray)
+        return
+    generator = model.get(bench)
+    for items in asked:
+        yield [g.text for g in generator.generate(_requests(config, bench, items), decoding)]
+
+
+def answer_chunk(
+    config: EvalConfig, bench: BenchmarkConfig, decoding: Decoding
+) -> Callable[[Sequence[EvalItem]], list[str]]:
+    """A Ray replica's worker: loads the model once, then answers a chunk of questions.
+
+    The images load in the replica, from the items' paths, so only text crosses the cluster.
+    """
+    generator = ModelHolder(config.model, config.generation).get(bench)
+
+    def answer(items: Sequence[EvalItem]) -> list[str]:
+        return [g.text for g in generator.generate(_requests(config, bench, items), decoding)]
+
+    return answer

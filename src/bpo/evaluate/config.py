@@ -22,6 +22,7 @@ from bpo.evaluate.benchmarks import (
     needs_judge,
 )
 from bpo.generate.config import GenerateConfig, check_generate_config
+from bpo.generate.ray_cluster import RayConfig, check_ray_config
 from bpo.models.config import ModelConfig, check_model
 
 # BenchmarkConfig and BenchmarkName belong to the schema; they are defined beside the table.
@@ -47,6 +48,9 @@ class EvalConfig:
     # benchmark's `judge:` overrides them and the model (docs/evaluation.md).
     judge: EndpointConfig | None = None
     name: str | None = None  # the run's column title in `bpo compare`; default the folder name
+    # Generate the answers on a Ray cluster, one model replica per actor (`pip install
+    # 'bpo[ray]'`); the answers are those of a run in this process. null: in this process.
+    ray: RayConfig | None = None
 
 
 def _check_counts(bench: BenchmarkConfig) -> None:
@@ -112,3 +116,12 @@ def check_config(config: EvalConfig) -> None:
     if config.model is not None:
         check_model(config.model)
     check_generate_config(config.generation)  # a missing vllm, too, fails before any work
+    if config.ray is not None:
+        check_ray_config(config.ray)  # so does a missing ray
+        tensor_parallel = config.generation.vllm.tensor_parallel_size
+        if config.generation.backend == "vllm" and config.ray.gpus_per_replica < tensor_parallel:
+            raise ValueError(
+                "generation.backend 'vllm' on Ray needs ray.gpus_per_replica >= "
+                f"generation.vllm.tensor_parallel_size ({tensor_parallel}), got "
+                f"{config.ray.gpus_per_replica}: one engine per replica"
+            )
