@@ -31,7 +31,7 @@ from bpo.train.batch import (
     pad_token_id,
 )
 from bpo.train.limits import naming_out_of_memory
-from bpo.train.logprobs import pair_logps
+from bpo.train.logprobs import pair_logps, scoring_mode
 
 
 @dataclass
@@ -341,8 +341,9 @@ def score_pairs(
 ) -> tuple[list[PairScore], list[BadPair]]:
     """The frozen model's scores of the dataset's pairs: every reference log-prob comes from here.
 
-    Runs in eval mode, without gradients, in the weights' own dtype (call it outside autocast),
-    on the device of the model's first parameter; the model is given back in the mode it came in.
+    Runs under `bpo.train.logprobs.scoring_mode` (eval and inference mode), in the weights' own
+    dtype (call it outside autocast), on the device of the model's first parameter; the model is
+    given back in the mode it came in.
 
     Args:
         indices: the pairs to score (a process's share); default all, in order.
@@ -355,19 +356,13 @@ def score_pairs(
     device = next(model.parameters()).device
     scores: list[PairScore] = []
     bad: list[BadPair] = []
-    was_training = model.training
-    model.eval()
-    try:
+    # Eval and inference mode; the model comes back as it came, fit for training.
+    with scoring_mode(model):
         for start in range(0, len(order), batch_size):
             collated = collate([dataset[i] for i in order[start : start + batch_size]])
-            # no_grad, not inference_mode: training goes on with this very model, and a tensor a
-            # module caches during an inference-mode forward could never be saved for backward.
-            with torch.no_grad():
-                batch_scores, batch_bad = _score_batch(model, collated, device, dataset.max_length)
+            batch_scores, batch_bad = _score_batch(model, collated, device, dataset.max_length)
             if on_batch is not None:
                 on_batch(batch_scores, batch_bad)
             scores += batch_scores
             bad += batch_bad
-    finally:
-        model.train(was_training)
     return scores, bad

@@ -3,6 +3,7 @@
     pair_logps(model, batch: PairBatch) -> PairLogps       # shared prefix, the fast path
     naive_pair_logps(model, batch: PairBatch) -> PairLogps  # batch of two, the reference
     chosen_logps(model, batch: PairBatch) -> PairLogps      # chosen only (SFT); rejected = 0
+    with scoring_mode(model): ...                           # forward-only scoring (references)
 
 `pair_logps` runs each pair as one packed row `[prefix | chosen | rejected]` (see
 `bpo.train.batch`) with a block attention mask, so the vision tower and the image + prompt prefix
@@ -20,6 +21,13 @@ and the token-aligned inputs (`token_type_ids`, `mm_token_type_ids`) every path 
 Only answer positions reach the LM head (`logits_to_keep` with per-row positions), and the
 log-softmax runs in fp32 on those positions alone.
 
+`scoring_mode` is how the reference pass runs those forwards: eval mode and inference mode (no
+autograd state at all), with the same kernels as training's forward, so the first step's
+rewards are exactly 0 in the weights' dtype (a faster attention kernel for the pass, e.g. sdpa
+where training uses eager, would move them by float rounding). The model is given back as it
+came: its mode, and any tensor a module cached during the pass turned back into an ordinary
+tensor (an inference tensor could never be saved for a later backward).
+
 The models are called, never taken apart, so a peft-wrapped model works the same way. The forward
 must accept `input_ids, attention_mask, position_ids, logits_to_keep, use_cache` and the vision
 tensors by keyword (LLaVA and other transformers image-text models do).
@@ -27,8 +35,10 @@ tensors by keyword (LLaVA and other transformers image-text models do).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -288,3 +298,30 @@ def naive_pair_logps(model: Any, batch: PairBatch) -> PairLogps:
         chosen_tokens=counts[:, 0],
         rejected_tokens=counts[:, 1],
     )
+
+
+def _release_inference_tensors(model: Any) -> None:
+    """Replace tensors that modules stored during an inference-mode forward (buffers, cached
+    attributes) by ordinary copies, so training can use them in a backward."""
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, Tensor) and value.is_inference():
+                setattr(module, name, value.clone())
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_inference():
+                module._buffers[name] = buffer.clone()
+
+
+@contextlib.contextmanager
+def scoring_mode(model: Any) -> Iterator[None]:
+    """Forward-only scoring: eval and inference mode; the model comes back in the mode it had,
+    with nothing cached that a backward could not use (see the module doc)."""
+    inner = getattr(model, "module", model)  # under a DDP wrapper
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        _release_inference_tensors(inner)
+        inner.train(was_training)
