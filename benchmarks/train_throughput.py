@@ -113,6 +113,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--answer-words", type=int, default=62, help="~tokens per answer - 2")
     parser.add_argument("--prompt-words", type=int, default=14, help="~prompt tokens - 7")
     parser.add_argument("--lora-r", type=int, default=32, help="LoRA rank; alpha is 2r")
+    parser.add_argument(
+        "--negatives-per-sample",
+        type=int,
+        default=2,
+        help="pairs per image + prompt + chosen (BPO's recipe: a weakened and an injected one)",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     parser.add_argument("--attn", choices=["sdpa", "eager"], help="CPU eager, GPU sdpa")
     parser.add_argument(
@@ -169,6 +175,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         prompt_words=args.prompt_words,
         answer_words=args.answer_words,
         answer_jitter=6,
+        negatives_per_sample=args.negatives_per_sample,
         lora_r=args.lora_r,
         lora_alpha=2 * args.lora_r,
         lr=1e-5,

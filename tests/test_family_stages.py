@@ -276,7 +276,9 @@ def _trained(out: Path, pairs: int) -> list[dict]:
     assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
     for line in lines:
         assert all(math.isfinite(v) for k, v in line.items() if k not in ("step", "epoch"))
-    assert lines[0]["loss"] == pytest.approx(math.log(2))  # the policy starts as the reference
+    # The policy starts as the reference: log 2, to the float rounding of the reference pass's
+    # group rows (a sample's pairs in one row; ~1e-7 of log-probs near -100, times beta).
+    assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     return lines
 
 

@@ -85,6 +85,9 @@ class Settings:
     threads: int
     seed: int
     data_dir: str = ""
+    # Pairs per sample (image + prompt + chosen): BPO's recipe makes two, one weakened and one
+    # error-injected negative of each gold answer (configs/bootstrap/llava-1.5-7b.yaml).
+    negatives_per_sample: int = 2
 
     @property
     def pairs(self) -> int:
@@ -107,28 +110,33 @@ def word_list(count: int, seed: int) -> list[str]:
 
 
 def make_pairs(settings: Settings) -> list[dict[str, Any]]:
-    """Preference pairs as plain dicts: id, question, chosen, rejected (answers differ a little)."""
+    """Preference pairs as plain dicts: id, image (its sample's index), question, chosen,
+    rejected; `negatives_per_sample` consecutive pairs share image, question and chosen answer,
+    each with its own rejected answer (a hallucinated quarter of the words, another length)."""
     rng = random.Random(settings.seed)
     words = word_list(200, settings.seed)
     pairs = []
-    for i in range(settings.pairs):
+    per_sample = settings.negatives_per_sample
+    for sample in range(-(-settings.pairs // per_sample)):
         question = " ".join(rng.choice(words) for _ in range(settings.prompt_words)) + "?"
         n = settings.answer_words + rng.randint(-settings.answer_jitter, settings.answer_jitter)
         chosen = [rng.choice(words) for _ in range(n)]
-        rejected = list(chosen)
-        for j in rng.sample(range(n), k=max(1, n // 4)):  # a hallucinated quarter
-            rejected[j] = rng.choice(words)
-        extra = rng.randint(-settings.answer_jitter, settings.answer_jitter)
-        rejected = rejected[: n + extra] if extra < 0 else rejected + rng.sample(words, extra)
-        pairs.append(
-            {
-                "id": f"pair_{i}",
-                "question": question,
-                "chosen": " ".join(chosen) + ".",
-                "rejected": " ".join(rejected) + ".",
-            }
-        )
-    return pairs
+        for _ in range(per_sample):
+            rejected = list(chosen)
+            for j in rng.sample(range(n), k=max(1, n // 4)):
+                rejected[j] = rng.choice(words)
+            extra = rng.randint(-settings.answer_jitter, settings.answer_jitter)
+            rejected = rejected[: n + extra] if extra < 0 else rejected + rng.sample(words, extra)
+            pairs.append(
+                {
+                    "id": f"pair_{len(pairs)}",
+                    "image": sample,
+                    "question": question,
+                    "chosen": " ".join(chosen) + ".",
+                    "rejected": " ".join(rejected) + ".",
+                }
+            )
+    return pairs[: settings.pairs]
 
 
 def build_processor(spec: ModelSpec, seed: int):

@@ -78,13 +78,13 @@ def run_bpo(settings: Settings, gate: Gate) -> dict[str, Any]:
     pairs = [
         PreferencePair(
             id=p["id"],
-            image=f"{i}.png",
+            image=f"{p['image']}.png",
             prompt=[{"role": "user", "content": "<image>\n" + p["question"]}],
             chosen=p["chosen"],
             rejected=p["rejected"],
             source="benchmark",
         )
-        for i, p in enumerate(make_pairs(settings))
+        for p in make_pairs(settings)
     ]
     config = TrainConfig(
         model=ModelConfig(name_or_path="<in memory>"),
@@ -133,7 +133,7 @@ def trl_dataset(settings: Settings, with_refs: bool):
 
     images = load_images(settings)
     rows = []
-    for i, p in enumerate(make_pairs(settings)):
+    for p in make_pairs(settings):
         content = [{"type": "image", "text": None}, {"type": "text", "text": p["question"]}]
         row = {
             "prompt": [{"role": "user", "content": content}],
@@ -141,7 +141,7 @@ def trl_dataset(settings: Settings, with_refs: bool):
             "rejected": [
                 {"role": "assistant", "content": [{"type": "text", "text": p["rejected"]}]}
             ],
-            "images": [images[i]],
+            "images": [images[p["image"]]],
         }
         if with_refs:
             row["ref_chosen_logps"] = 0.0

@@ -19,16 +19,18 @@ input gradients only, LoRA's own weights are small):
                                                     policy and reference vision both times)
     TRL no-ref = 2 F_vis + step(2P + C + R, C + R)
     bpo        =   F_vis + step( P + C + R, C + R)   (one row a pair, no reference forward)
-    bpo's pass =   F_vis +  ref( P + C + R, C + R)   (once, before training)
+    bpo's pass = (F_vis + ref(P + C + nR, C + nR)) / n   (once, before training: a sample's n
+                                                    pairs in one row, `bpo.train.groups`)
 
 with P the prefix (image + prompt) tokens and C, R the answers' tokens, means over the data.
 With the tower and the head negligible and answers of A tokens, step-only TRL / bpo is
 (k + 1)(2P + 2A) / (k (P + 2A)): 3 (P + A) / (P + 2A) = 2.45 at P = 221, A = 64, and with
 checkpointing 8 (P + A) / (3 (P + 2A)) = 2.18 (the recompute adds a forward to both sides, and
 bpo's share of it is the larger). End to end over E epochs bpo also pays its pass once:
-E TRL / (E bpo + pass), 2 x 1710 / (2 x 698 + 349) = 1.96 at that shape for 2 epochs (in units
-of 2 N_lm; measured steps cost more than two forwards, so the measured pass is cheaper than
-this half a step).
+E TRL / (E bpo + pass), with n = 2 pairs a sample (the default data: BPO's recipe gives each
+gold answer one weakened and one injected negative) 2 x 1710 / (2 x 698 + 206.5) = 2.13 at that
+shape for 2 epochs, and 2 x 1710 / (2 x 698 + 349) = 1.96 with one pair a sample (in units of
+2 N_lm; measured steps cost more than two forwards, so the measured pass is cheaper than this).
 """
 
 from __future__ import annotations
@@ -60,9 +62,14 @@ TARGETS = {
 
 
 def flops_per_pair(
-    tokens: dict[str, float], counts: dict[str, int], spec: ModelSpec, checkpointing: bool
+    tokens: dict[str, float],
+    counts: dict[str, int],
+    spec: ModelSpec,
+    checkpointing: bool,
+    per_sample: int = 1,
 ) -> dict[str, float]:
-    """Matmul FLOPs per pair of each side's step and of bpo's reference pass (module doc)."""
+    """Matmul FLOPs per pair of each side's step and of bpo's reference pass (module doc);
+    per_sample: pairs per sample, which the pass scores in one row."""
     p, c, r = tokens["prefix"], tokens["chosen"], tokens["rejected"]
     vis = 2 * counts["vision"] * spec.vision_positions + 2 * counts["projector"] * spec.image_tokens
     k = 3 if checkpointing else 2
@@ -78,7 +85,7 @@ def flops_per_pair(
         "trl": 4 * vis + step(two_rows, scored) + forward(two_rows, scored),
         "trl-noref": 2 * vis + step(two_rows, scored),
         "bpo": vis + step(one_row, scored),
-        "bpo_pass": vis + forward(one_row, scored),
+        "bpo_pass": (vis + forward(p + c + per_sample * r, c + per_sample * r)) / per_sample,
     }
 
 
@@ -136,7 +143,11 @@ def _figures(results: dict[str, dict], settings: Settings, paired: bool) -> dict
     """Per side: end to end (s, speedup, ideal), step only (s, pairs/s, speedup, ideal)."""
     bpo, trl = results["bpo"], results["trl"]
     flops = flops_per_pair(
-        bpo["tokens"], bpo["params"], settings.spec, settings.gradient_checkpointing
+        bpo["tokens"],
+        bpo["params"],
+        settings.spec,
+        settings.gradient_checkpointing,
+        settings.negatives_per_sample,
     )
     ideals = ideal_ratios(flops, settings.epochs)
     out = {}

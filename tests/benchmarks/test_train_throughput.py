@@ -36,6 +36,16 @@ def test_ideals_of_the_decoder_alone_by_hand():
     assert round(recompute["bpo"][1], 2) == 2.18
 
 
+def test_the_pass_scores_a_samples_pairs_in_one_row_by_hand():
+    """Two pairs a sample: one row P + C + 2R = 221 + 64 + 128 = 413 decoder tokens for both,
+    206.5 a pair (against 349 in a row of its own); end to end (2 epochs, no checkpointing)
+    3420 / (1396 + 206.5) = 2.1342; the step is unchanged (training keeps a row per pair)."""
+    flops = flops_per_pair(TOKENS, DECODER_ONLY, CPU_SPEC, False, per_sample=2)
+    assert flops["bpo_pass"] == pytest.approx(2 * 206.5)  # FLOPs: 2 N_lm per token
+    grouped = ideal_ratios(flops, epochs=2)
+    assert grouped["bpo"] == pytest.approx((3420 / 1602.5, 1710 / 698))
+
+
 def test_the_head_and_the_vision_tower_are_not_recomputed():
     """N_head = 1, N_vision = 1 (CPU_SPEC: 197 tower positions, 196 image tokens), N_proj = 0:
     F_vis = 2 x 197 = 394; scored S = 128, so H = 256 per head pass; decoder 0. bpo's step

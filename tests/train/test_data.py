@@ -164,14 +164,16 @@ def test_scores_equal_each_pair_scored_alone_with_or_without_a_pad_token(llava, 
 
 def test_non_finite_reference_logps_are_refused_per_pair(llava, pairs, image, monkeypatch):
     model, processor = llava
-    real = data_module.pair_logps
+    real = data_module.group_scores
 
-    def second_rejected_is_inf(model, batch):
-        out = real(model, batch)
-        out.rejected[1] = float("-inf")
-        return out
+    def second_rejected_is_inf(model, batch):  # pairs[1]'s rejected log-prob is -inf
+        rows = real(model, batch)
+        return [
+            (key, c, float("-inf") if key == pairs[1].key else r, *rest)
+            for key, c, r, *rest in rows
+        ]
 
-    monkeypatch.setattr(data_module, "pair_logps", second_rejected_is_inf)
+    monkeypatch.setattr(data_module, "group_scores", second_rejected_is_inf)
     dataset = PairDataset(pairs, processor, images={"x.png": image})
     scores, bad = score_pairs(model, dataset, batch_size=3, indices=[2, 1, 0])
     assert [s.key for s in scores] == [pairs[2].key, pairs[0].key]

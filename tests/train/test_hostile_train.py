@@ -113,7 +113,8 @@ def test_a_batch_out_of_memory_names_its_pairs_and_max_length(
         return scorer
 
     cpu_error = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 18 GB")
-    monkeypatch.setattr(data, "pair_logps", oom_on_long_rows(data.pair_logps, cpu_error))
+    # The reference pass scores group rows (a sample's pairs in one row).
+    monkeypatch.setattr(data, "group_scores", oom_on_long_rows(data.group_scores, cpu_error))
     pairs = make_pairs()
     pairs[1] = replace(pairs[1], chosen=LONG)
     config = tiny_config(tiny_llava_folder, None, max_length=200, batch_size=6, max_steps=1)

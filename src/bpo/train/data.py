@@ -10,6 +10,7 @@ path every reference log-prob comes from, cached in a store or computed in memor
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from PIL import Image
 
 from bpo.data.images import ImageError, check_image, load_image
 from bpo.data.records import PreferencePair
+from bpo.models.family import packing_refusal
 from bpo.train.batch import (
     EncodedPair,
     EncodeError,
@@ -30,6 +32,7 @@ from bpo.train.batch import (
     encode_pair,
     pad_token_id,
 )
+from bpo.train.groups import collate_groups, group_pairs, group_scores
 from bpo.train.limits import naming_out_of_memory
 from bpo.train.logprobs import pair_logps, scoring_mode
 
@@ -299,29 +302,44 @@ class PairScore:
     truncated: bool = False
 
 
+def _pair_rows(model: Any, batch: PairBatch, grouped: bool) -> list:
+    """(key, chosen, rejected, chosen tokens, rejected tokens, truncated) of every pair."""
+    if grouped:  # a sample's pairs in one row (bpo.train.groups)
+        return group_scores(model, batch)
+    logps = pair_logps(model, batch)
+    return list(
+        zip(
+            batch.keys,
+            logps.chosen.float().tolist(),
+            logps.rejected.float().tolist(),
+            logps.chosen_tokens.tolist(),
+            logps.rejected_tokens.tolist(),
+            batch.extra["truncated"],
+            strict=True,
+        )
+    )
+
+
 def _score_batch(
-    model: Any, collated: Collated, device: Any, max_length: int | None = None
+    model: Any,
+    items: list[EncodedPair | BadPair],
+    pad: int,
+    device: Any,
+    max_length: int | None = None,
+    grouped: bool = False,
 ) -> tuple[list[PairScore], list[BadPair]]:
-    """Score one collated batch; pairs whose log-probs are not finite join its bad pairs."""
-    bad = list(collated.bad)
-    if collated.batch is None:
+    """Score one batch of items; pairs whose log-probs are not finite join its bad pairs."""
+    good = [item for item in items if isinstance(item, EncodedPair)]
+    bad = [item for item in items if isinstance(item, BadPair)]
+    if not good:
         return [], bad
-    batch = collated.batch
     fix = (
         "lower run.max_length (longer answers are cut and counted as truncated) or "
         "run.reference_batch_size"
     )
+    batch = collate_groups(group_pairs(good), pad) if grouped else collate_pairs(good, pad)
     with naming_out_of_memory(batch, "the reference pass", max_length, fix):
-        logps = pair_logps(model, batch.to(device))
-    rows = zip(
-        batch.keys,
-        logps.chosen.float().tolist(),
-        logps.rejected.float().tolist(),
-        logps.chosen_tokens.tolist(),
-        logps.rejected_tokens.tolist(),
-        batch.extra["truncated"],
-        strict=True,
-    )
+        rows = _pair_rows(model, batch.to(device), grouped)
     scores = []
     for key, chosen, rejected, n_chosen, n_rejected, truncated in rows:
         if not (math.isfinite(chosen) and math.isfinite(rejected)):
@@ -330,6 +348,17 @@ def _score_batch(
             continue
         scores.append(PairScore(key, chosen, rejected, int(n_chosen), int(n_rejected), truncated))
     return scores, bad
+
+
+def by_sample(pairs: Sequence[PreferencePair], order: Sequence[int]) -> list[int]:
+    """`order` with the pairs of one sample (image, prompt, chosen answer) next to each other,
+    samples in first-seen order: a batch then holds whole samples, scored a row each."""
+    samples: dict[tuple[str | None, str, str], list[int]] = {}
+    for index in order:
+        pair = pairs[index]
+        key = (pair.image, json.dumps(pair.prompt, sort_keys=True), pair.chosen)
+        samples.setdefault(key, []).append(index)
+    return [index for indices in samples.values() for index in indices]
 
 
 def score_pairs(
@@ -352,15 +381,21 @@ def score_pairs(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     order = list(range(len(dataset))) if indices is None else list(indices)
-    collate = Collator(pad_token_id(dataset.processor))
+    # A model packed rows cannot score exactly (packing_refusal) gets the naive pair path.
+    grouped = packing_refusal(model) is None
+    if grouped:
+        order = by_sample(dataset.pairs, order)
+    pad = pad_token_id(dataset.processor)
     device = next(model.parameters()).device
     scores: list[PairScore] = []
     bad: list[BadPair] = []
     # Eval and inference mode; the model comes back as it came, fit for training.
     with scoring_mode(model):
         for start in range(0, len(order), batch_size):
-            collated = collate([dataset[i] for i in order[start : start + batch_size]])
-            batch_scores, batch_bad = _score_batch(model, collated, device, dataset.max_length)
+            items = [dataset[i] for i in order[start : start + batch_size]]
+            batch_scores, batch_bad = _score_batch(
+                model, items, pad, device, dataset.max_length, grouped
+            )
             if on_batch is not None:
                 on_batch(batch_scores, batch_bad)
             scores += batch_scores

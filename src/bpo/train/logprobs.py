@@ -1,6 +1,7 @@
 """Summed answer log-probs with one vision + prefix encoding per pair.
 
     pair_logps(model, batch: PairBatch) -> PairLogps       # shared prefix, the fast path
+    packed_token_logps(model, batch) -> Tensor              # its per-token log-probs (groups too)
     naive_pair_logps(model, batch: PairBatch) -> PairLogps  # batch of two, the reference
     chosen_logps(model, batch: PairBatch) -> PairLogps      # chosen only (SFT); rejected = 0
     with scoring_mode(model): ...                           # forward-only scoring (references)
@@ -22,9 +23,10 @@ Only answer positions reach the LM head (`logits_to_keep` with per-row positions
 log-softmax runs in fp32 on those positions alone.
 
 `scoring_mode` is how the reference pass runs those forwards: eval mode and inference mode (no
-autograd state at all), with the same kernels as training's forward, so the first step's
-rewards are exactly 0 in the weights' dtype (a faster attention kernel for the pass, e.g. sdpa
-where training uses eager, would move them by float rounding). The model is given back as it
+autograd state at all), with the same kernels as training's forward. The pass scores a
+sample's pairs in one row (`bpo.train.groups`), so its log-probs equal training's pair rows to
+float rounding (~1e-7 relative: the same terms summed in rows of another length), as a faster
+attention kernel for the pass would also move them. The model is given back as it
 came: its mode, and any tensor a module cached during the pass turned back into an ordinary
 tensor (an inference tensor could never be saved for a later backward).
 
@@ -135,7 +137,7 @@ def packed_position_ids(model: Any, batch: PairBatch) -> Tensor:
     rows = torch.arange(len(p), device=p.device)
     start = positions[:, rows, p]  # (3, B): the first chosen token's position
     offset = t["position_ids"] - p[:, None]  # (B, L): j for the rejected block's token j
-    rejected = (segments == REJECTED)[None]
+    rejected = (segments >= REJECTED)[None]  # every rejected block (one per pair of a group row)
     return torch.where(rejected, start[:, :, None] + offset[None], positions)
 
 
@@ -201,6 +203,12 @@ def pair_logps(model: Any, batch: PairBatch) -> PairLogps:
     if why:
         _warn_once(f"{why}; scoring with the naive batch of two (a plain forward per answer)")
         return naive_pair_logps(model, batch)
+    return _sum_branches(packed_token_logps(model, batch), batch.tensors["score_branch"])
+
+
+def packed_token_logps(model: Any, batch: PairBatch) -> Tensor:
+    """(B, K) log-probs of every scored answer token of packed rows (`score_targets` at
+    `score_positions`): one forward with the block mask and the packed positions."""
     _check_attention(model)
     t = batch.tensors
     input_ids = t["input_ids"]
@@ -214,7 +222,7 @@ def pair_logps(model: Any, batch: PairBatch) -> PairLogps:
         **batch.vision,
         **batch.token_types,
     )
-    return _sum_branches(_token_logps(logits, t["score_targets"]), t["score_branch"])
+    return _token_logps(logits, t["score_targets"])
 
 
 def chosen_logps(model: Any, batch: PairBatch) -> PairLogps:

@@ -23,9 +23,11 @@ content keeps its entries.
 
 Every pair is scored by `bpo.train.data.score_pairs`, through the PairDataset and Collator
 training uses, so a pair is tokenized, padded and scored one way whether its reference is cached
-or computed in memory. The pass is a forward only (`bpo.train.logprobs.scoring_mode`): training's
-packed rows, in inference mode, only answer positions through the LM head; its numbers are the
-training forward's, so entries written by earlier passes stay valid.
+or computed in memory. The pass is a forward only (`bpo.train.logprobs.scoring_mode`): in
+inference mode, only answer positions through the LM head, and the pairs of one sample (image,
+prompt, chosen answer) in one row `[prefix | chosen | rejected_1 | ... ]` (`bpo.train.groups`),
+so the image and prefix run once per sample; its numbers are training's pair rows' to float
+rounding, so entries written by earlier passes stay valid.
 
 A pass appends and flushes every batch, so a killed pass resumes where it stopped (a half-written
 last line is cut). The last line for a key wins; when lines were superseded or their pairs left the
