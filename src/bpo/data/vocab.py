@@ -87,14 +87,19 @@ def word_tokens(text: str) -> list[str]:
     text = _OPENING_QUOTE.sub("' ", _ALONE.sub(r" \1 ", text))
     tokens = text.split()
     words: list[str] = []
+    last = len(tokens) - 1
     for i, token in enumerate(tokens):
-        last = i == len(tokens) - 1
-        period = token.endswith(".") and not token.endswith("..")
-        if period and len(token) > 1 and (last or _ends_sentence(token)):
-            token = token[:-1]
+        period = token[-1] == "."
+        if not period and "'" not in token:  # most words: kept as they are
+            words.append(token)
+            continue
+        if period and not token.endswith("..") and len(token) > 1:
+            period = i == last or _ends_sentence(token)
+            if period:
+                token = token[:-1]
         else:
             period = False
-        clitic = _CLITIC.match(token)
+        clitic = _CLITIC.match(token) if "'" in token else None
         words.extend(clitic.groups() if clitic else (token,))
         if period:
             words.append(".")
