@@ -190,13 +190,10 @@ def check_config(config: BootstrapConfig) -> None:
         check_inject(config.inject)
     check_backend(config.backend)  # a missing vllm fails here, before the store is opened
     if config.ray is not None:
-        check_ray_config(config.ray)  # so does a missing ray
-        tensor_parallel = config.vllm.tensor_parallel_size
-        if config.backend == "vllm" and config.ray.gpus_per_replica < tensor_parallel:
-            raise ValueError(
-                f"backend 'vllm' on Ray needs ray.gpus_per_replica >= vllm.tensor_parallel_size "
-                f"({tensor_parallel}), got {config.ray.gpus_per_replica}: one engine per replica"
-            )
+        # So does a missing ray.
+        check_ray_config(
+            config.ray, backend=config.backend, tensor_parallel=config.vllm.tensor_parallel_size
+        )
 
 
 # Fields that change where or how fast output is written, never what it holds.

@@ -251,9 +251,18 @@ def _answered(
     if config.ray is not None:
         yield from ordered_map(asked, answer_chunk, (config, bench, decoding), config.ray)
         return
-    generator = model.get(bench)
-    for items in asked:
-        yield [g.text for g in generator.generate(_requests(config, bench, items), decoding)]
+    yield from map(_chunk_answerer(model.get(bench), config, bench, decoding), asked)
+
+
+def _chunk_answerer(
+    generator: Generator, config: EvalConfig, bench: BenchmarkConfig, decoding: Decoding
+) -> Callable[[Sequence[EvalItem]], list[str]]:
+    """The answer texts of a chunk of questions, one generator call (local run or replica)."""
+
+    def answer(items: Sequence[EvalItem]) -> list[str]:
+        return [g.text for g in generator.generate(_requests(config, bench, items), decoding)]
+
+    return answer
 
 
 def answer_chunk(
@@ -264,8 +273,4 @@ def answer_chunk(
     The images load in the replica, from the items' paths, so only text crosses the cluster.
     """
     generator = ModelHolder(config.model, config.generation).get(bench)
-
-    def answer(items: Sequence[EvalItem]) -> list[str]:
-        return [g.text for g in generator.generate(_requests(config, bench, items), decoding)]
-
-    return answer
+    return _chunk_answerer(generator, config, bench, decoding)

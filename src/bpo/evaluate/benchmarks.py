@@ -202,13 +202,17 @@ def _check_object_halbench(bench: BenchmarkConfig) -> None:
         )
 
 
-def _check_shapeworld_pope(bench: BenchmarkConfig) -> None:
-    unknown = [s for s in bench.pope_strategies if s not in pope.STRATEGIES]
-    if unknown or not bench.pope_strategies:
+def _check_some_of(bench: BenchmarkConfig, option: str, allowed: Sequence[str]) -> None:
+    """Raise ValueError unless the list option is non-empty and holds only `allowed` values."""
+    chosen = getattr(bench, option)
+    if not chosen or any(value not in allowed for value in chosen):
         raise ValueError(
-            f"benchmark {bench.key}: pope_strategies {bench.pope_strategies} must be some of "
-            f"{', '.join(pope.STRATEGIES)}"
+            f"benchmark {bench.key}: {option} {chosen} must be some of {', '.join(allowed)}"
         )
+
+
+def _check_shapeworld_pope(bench: BenchmarkConfig) -> None:
+    _check_some_of(bench, "pope_strategies", pope.STRATEGIES)
     if bench.pope_per_image < 1:
         raise ValueError(
             f"benchmark {bench.key}: pope_per_image is {bench.pope_per_image}; ask at least 1 "
@@ -243,12 +247,7 @@ def _check_amber_generative(bench: BenchmarkConfig) -> None:
 
 
 def _check_amber_discriminative(bench: BenchmarkConfig) -> None:
-    unknown = [d for d in bench.amber_dimensions if d not in amber.DIMENSIONS]
-    if unknown or not bench.amber_dimensions:
-        raise ValueError(
-            f"benchmark {bench.key}: amber_dimensions {bench.amber_dimensions} must be some of "
-            f"{', '.join(amber.DIMENSIONS)}"
-        )
+    _check_some_of(bench, "amber_dimensions", amber.DIMENSIONS)
 
 
 BENCHMARKS: dict[str, Benchmark] = {

@@ -117,11 +117,10 @@ def check_config(config: EvalConfig) -> None:
         check_model(config.model)
     check_generate_config(config.generation)  # a missing vllm, too, fails before any work
     if config.ray is not None:
-        check_ray_config(config.ray)  # so does a missing ray
-        tensor_parallel = config.generation.vllm.tensor_parallel_size
-        if config.generation.backend == "vllm" and config.ray.gpus_per_replica < tensor_parallel:
-            raise ValueError(
-                "generation.backend 'vllm' on Ray needs ray.gpus_per_replica >= "
-                f"generation.vllm.tensor_parallel_size ({tensor_parallel}), got "
-                f"{config.ray.gpus_per_replica}: one engine per replica"
-            )
+        generation = config.generation
+        check_ray_config(  # so does a missing ray
+            config.ray,
+            backend=generation.backend,
+            tensor_parallel=generation.vllm.tensor_parallel_size,
+            section="generation.",
+        )

@@ -57,9 +57,26 @@ def require_ray() -> ModuleType:
     return ray
 
 
-def check_ray_config(config: RayConfig, what: str = "ray") -> None:
-    """Raise ValueError naming the `ray.` setting that cannot run (RayUnavailableError first)."""
+def check_ray_config(
+    config: RayConfig,
+    what: str = "ray",
+    backend: str = "transformers",
+    tensor_parallel: int = 1,
+    section: str = "",
+) -> None:
+    """Raise ValueError naming the `ray.` setting that cannot run (RayUnavailableError first).
+
+    backend, tensor_parallel: the stage's generation backend and vLLM tensor-parallel size (one
+        engine per replica needs that many GPUs); section: where the stage keeps them
+        ("generation." in an eval config, "" in a bootstrap config), for the message.
+    """
     require_ray()
+    if backend == "vllm" and config.gpus_per_replica < tensor_parallel:
+        raise ValueError(
+            f"{section}backend 'vllm' on Ray needs {what}.gpus_per_replica >= "
+            f"{section}vllm.tensor_parallel_size ({tensor_parallel}), got "
+            f"{config.gpus_per_replica}: one engine per replica"
+        )
     if config.replicas < 1:
         raise ValueError(f"{what}.replicas must be at least 1, got {config.replicas}")
     if config.cpus_per_replica <= 0 or config.gpus_per_replica < 0:
