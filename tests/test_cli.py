@@ -25,7 +25,7 @@ def test_console_script_is_installed():
         text=True,
         check=True,
     )
-    assert "eval_scenes: 2000" in result.stdout
+    assert "eval_scenes: 1500" in result.stdout
     assert "replay_weight:" in result.stdout
 
 

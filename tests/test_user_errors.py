@@ -170,6 +170,7 @@ def test_which_errors_are_the_users():
         (["--world.min_objects", "3", "--world.max_objects", "2"], r"world\.min_objects 3"),
         (["--world.faint_prob", "1.5"], r"world\.faint_prob must be in \[0, 1\], got 1\.5"),
         (["--world.grid", "0"], r"world\.grid must be at least 1, got 0"),
+        (["--existence_share", "2"], r"--existence_share is 2\.0; give a share in \[0, 1\]"),
     ],
 )
 def test_shapeworld_refuses_settings_that_write_nothing_or_cannot_run(tmp_path, flags, message):
@@ -191,6 +192,11 @@ def test_shapeworld_refuses_settings_that_write_nothing_or_cannot_run(tmp_path, 
         (["--run.training.lr", "-1"], r"lr and projector_lr must be >= 0.*from `training:`"),
         (["--run.pope_per_image", "0"], r"pope_per_image is 0.*`bpo eval` configs from"),
         (["--run.world.max_objects", "9"], r"world\.max_objects 9"),
+        (["--run.corpus_qa_fraction", "1.5"], r"corpus_qa_fraction must be in \[0, 1\], got 1\.5"),
+        (
+            ["--run.existence_fraction", "0.6", "--run.qa_fraction", "0.5"],
+            r"existence_fraction 0\.6 \+ qa_fraction 0\.5 is more than 1",
+        ),
         (
             ["--full", "true", "--run.full_noise_steps", "[100, 1000]"],
             r"weaken\.noise_steps holds 1000",

@@ -51,7 +51,7 @@ def demo(
         full: also the world seeds of run.full_world_seeds (a world and base model each), every
             seed for the ablation arms, and a noise-step sweep (run.full_noise_steps); slow.
     """
-    from bpo.demo.claim import claim_sentence
+    from bpo.demo.claim import ablation_sentence, claim_sentence
     from bpo.demo.run import run_demo
     from bpo.utils.console import console, print_metrics_table, print_negatives_table
 
@@ -74,6 +74,8 @@ def demo(
         )
         console.print(f"prior-driven hallucination ({name}) {verdict}: {checks}")
     console.print(claim_sentence(results["claim"]))
+    if results.get("ablation"):
+        console.print("Ablation: " + ablation_sentence(results["ablation"]))
     console.print(f"wrote {Path(out) / 'results.json'} in {time.time() - started:.0f}s")
 
 
@@ -82,6 +84,7 @@ def shapeworld(
     scenes: int = 1000,
     seed: int = 0,
     questions: bool = True,
+    existence_share: float = 0.0,
     world: WorldConfig = WorldConfig(),  # noqa: B008
 ) -> None:
     """Write ShapeWorld scenes as a LLaVA-format dataset (data.json, images/, scenes.jsonl).
@@ -91,6 +94,8 @@ def shapeworld(
         scenes: number of scenes.
         seed: sampling seed.
         questions: add the scenes' questions as further conversation turns.
+        existence_share: share of records that are one existence question ("Is there a ring in
+            the image?", a present or an absent shape) instead of a caption.
         world: shapes, grid, faintness and noise of the scenes.
     """
     import numpy as np
@@ -101,9 +106,13 @@ def shapeworld(
     check_world(world)
     if scenes < 1:  # 0 or fewer wrote an empty dataset that every later stage read as valid
         raise ValueError(f"--scenes is {scenes}; write at least 1 scene")
+    if not 0 <= existence_share <= 1:
+        raise ValueError(f"--existence_share is {existence_share}; give a share in [0, 1]")
     rng = np.random.default_rng(seed)
     sampled = [sample_scene(rng, world) for _ in range(scenes)]
-    path = write_llava_dataset(sampled, world, out, seed=seed, with_questions=questions)
+    path = write_llava_dataset(
+        sampled, world, out, seed=seed, with_questions=questions, existence_share=existence_share
+    )
     print(json.dumps({"data": str(path), "scenes": scenes}))
 
 

@@ -238,7 +238,40 @@ def test_injection_is_deterministic_and_always_accounted(coco, shapes):
         "change_colour",
         "change_count",
         "change_position",
+        "flip_answer",
     }
+
+
+@pytest.mark.parametrize(
+    ("gold", "flipped", "was", "now"),
+    [
+        ("Yes.", "No.", "yes", "no"),
+        ("No.", "Yes.", "no", "yes"),
+        ("yes", "no", "yes", "no"),
+        ("NO, it is not.", "YES, it is not.", "no", "yes"),
+        ("ring yes.", "ring no.", "yes", "no"),
+        ("circle no.", "circle yes.", "no", "yes"),
+    ],
+)
+def test_a_yes_no_answer_is_flipped(shapes, gold, flipped, was, now):
+    """A yes/no answer has one error to make: the opposite answer, case and the rest kept."""
+    injection = inject_errors(gold, shapes, seed=3)
+    assert injection.text == flipped
+    assert injection.edits == [{"type": "flip_answer", "from": was, "to": now}]
+
+
+def test_the_flip_leaves_other_texts_to_the_other_edits(shapes):
+    """Only a yes/no first or last word flips ("There is no dog." does not), and a caption's rewrite is
+    the one it had before the flip existed: the same shuffle of the other edit types."""
+    caption_text = "a red circle and a blue ring."
+    others = [kind for kind in EDIT_TYPES if kind != "flip_answer"]
+    for seed in range(5):
+        assert inject_errors(caption_text, shapes, seed=seed) == inject_errors(
+            caption_text, shapes, seed=seed, edit_types=others
+        )
+    assert inject_errors("There is no dog.", shapes, seed=0, edit_types=["flip_answer"]).reason == (
+        "no_edit"
+    )
 
 
 def test_lexical_rewriter_keys_each_rewrite_by_its_index(shapes):

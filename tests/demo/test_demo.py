@@ -44,7 +44,7 @@ def mini_config() -> DemoConfig:
         max_new_tokens=12,
         eval_batch_size=16,
         negatives=NegativesConfig(
-            scenes=10, noise_steps=(500, 900), max_new_tokens=8, batch_size=4
+            scenes=12, noise_steps=(500, 900), max_new_tokens=8, batch_size=4
         ),
         training=ArmsConfig(
             arms=("sft", "bpo", "bpo_inject"),
@@ -90,7 +90,7 @@ def test_results_json_matches_the_answers_bpo_eval_wrote(demo_run):
     recomputed = hallucination_metrics(list(answers.values()), scenes)
     written = on_disk["arms"]["base"]
     assert {k: written[k] for k in recomputed} == pytest.approx(recomputed)
-    assert on_disk["checks"]["base"] == check_base(recomputed)
+    assert on_disk["checks"]["base"] == check_base({**written, **recomputed})  # POPE: written
     assert on_disk["config"]["eval_scenes"] == 40
     assert set(on_disk["versions"]) >= {"bpo", "torch", "transformers", "python"}
 
@@ -209,24 +209,42 @@ def test_bootstrapped_pairs_and_their_statistics(demo_run):
     cfg = mini_config()
     scenes = build_world(cfg).align_scenes[: cfg.negatives.scenes]
     by_id = {f"sw_{i:06d}": s for i, s in enumerate(scenes)}
+    records = json.loads((out / "data" / "align" / "data.json").read_text())
+    asked = {r["id"] for r in records if r["conversations"][-1]["value"] != caption(by_id[r["id"]])}
+    assert 0 < len(asked) < len(scenes)  # existence_share 0.3 of 12 scenes: some of each
     pairs = list(read_pairs(out / "pairs"))
     ratio = cfg.negatives.max_length_ratio
+    existence = results["existence_negatives"]
     for t in cfg.negatives.noise_steps:
         weak = [p for p in pairs if p.source == "weaken" and p.meta["noise_step"] == t]
-        kept = [by_id[p.id] for p in weak]  # the length filter may drop some scenes' negatives
-        assert [p.chosen for p in weak] == [caption(s) for s in kept]
         assert all(p.rejected_tokens <= ratio * p.chosen_tokens for p in weak)
+        described = [p for p in weak if p.id not in asked]
+        kept = [by_id[p.id] for p in described]  # the length filter may drop some negatives
+        assert [p.chosen for p in described] == [caption(s) for s in kept]
         stats = results["negatives"][f"weaken_t{t}"]
-        metrics = hallucination_metrics([p.rejected for p in weak], kept)
-        assert stats["negatives"] == len(weak)
+        metrics = hallucination_metrics([p.rejected for p in described], kept)
+        assert stats["negatives"] == len(described)
         assert stats["with_hallucination"] == pytest.approx(metrics["chair_s"])
         assert stats["chair_i"] == pytest.approx(metrics["chair_i"])
-        assert stats["negatives"] + sum(stats["rejected"].values()) == len(scenes)
+        assert stats["negatives"] + sum(stats["rejected"].values()) == len(scenes) - len(asked)
+        questions = [p for p in weak if p.id in asked]
+        flipped = [parse_yes_no(p.rejected) != parse_yes_no(p.chosen) for p in questions]
+        entry = existence[f"weaken_t{t}"]
+        assert entry["negatives"] == len(questions)
+        assert entry["wrong_answer"] == pytest.approx(sum(flipped) / max(1, len(flipped)))
+        assert entry["negatives"] + sum(entry["rejected"].values()) == len(asked)
     injected = [p for p in pairs if p.source == "inject"]
     inject_stats = results["negatives"]["inject"]
-    assert inject_stats["accepted"] == inject_stats["negatives"] == len(injected)
-    assert inject_stats["accepted"] + sum(inject_stats["rejected"].values()) == len(scenes)
-    assert all(p.chosen == caption(by_id[p.id]) != p.rejected for p in injected)
+    assert inject_stats["accepted"] == len(injected)
+    assert inject_stats["negatives"] + existence["inject"]["negatives"] == len(injected)
+    rejects = sum(inject_stats["rejected"].values()) + sum(existence["inject"]["rejected"].values())
+    assert inject_stats["accepted"] + rejects == len(scenes)
+    for p in injected:
+        if p.id in asked:  # the flipped answer: "ring yes." -> "ring no."
+            assert p.rejected.split()[0] == p.chosen.split()[0]
+            assert parse_yes_no(p.rejected) != parse_yes_no(p.chosen)
+        else:
+            assert p.chosen == caption(by_id[p.id]) != p.rejected
     assert (out / "data" / "align" / "images" / "sw_000000.png").exists()
 
 
@@ -253,9 +271,11 @@ def test_trained_arms_are_bpo_train_runs_with_their_means(demo_run):
             assert (out / "configs" / f"train-{name}.yaml").is_file()
         mean = sum(r["chair_i"] for r in runs) / len(runs)
         assert on_disk["arms"][arm]["chair_i"] == pytest.approx(mean)
+        assert on_disk["arms"][arm]["intervals"]["mean"]["chair_i"] == pytest.approx(mean)
     claim = on_disk["claim"]
     bpo, sft = on_disk["arms"]["bpo"], on_disk["arms"]["sft"]
-    assert claim["checks"]["bpo_chair_i<sft_chair_i"] == (bpo["chair_i"] < sft["chair_i"])
+    bpo_high = bpo["intervals"]["ci"]["chair_i"][1]
+    assert claim["checks"]["bpo_chair_i_ci<sft_chair_i"] == (bpo_high < sft["chair_i"])
     assert claim["holds"] == all(claim["checks"].values())
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -14,13 +15,14 @@ from dataclasses import asdict
 from html.parser import HTMLParser
 
 import pytest
+from demo_eval_helpers import write_eval, write_jsonl
 from PIL import Image
 
 from bpo.data import PairWriter, PreferencePair
 from bpo.demo.arms import summarize
 from bpo.demo.claim import claim
 from bpo.demo.report import write_report
-from bpo.demo.summary import mark_hallucinations, mean_sd
+from bpo.demo.summary import mark_hallucinations, mean_ci
 from bpo.evaluate.chair import chair_scores
 from bpo.evaluate.shapeworld import hallucination_metrics
 from bpo.report.svg import nice_ticks
@@ -89,35 +91,28 @@ NEGATIVES = {
 }
 
 
-def pope(value: float) -> dict:
-    names = [
-        f"pope_{s}_{m}"
-        for s in ("random", "popular", "adversarial")
-        for m in ("accuracy", "f1", "yes_ratio")
-    ]
-    return dict.fromkeys(names, value)
-
-
-def write_jsonl(path, lines) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-
-
 def make_run(out, scenes=SCENES):
     """A finished demo's folder as its stages leave it: the held-out dataset, `bpo eval`'s
-    answers per model, `bpo train`'s logs, a pair store; returns results.json."""
+    answers, judgments and results per model (scored by the product's scorers, POPE answered
+    from each caption), `bpo train`'s logs, a pair store; returns results.json.
+
+    scenes: the held-out dataset left on disk (the answers always answer SCENES).
+    """
     out.mkdir(exist_ok=True)
-    write_llava_dataset(scenes, WorldConfig(), out / "data" / "held-out", with_questions=False)
+    held_out = out / "data" / "held-out"
+    write_llava_dataset(SCENES, WorldConfig(), held_out, with_questions=False)
     runs: dict[str, list] = {}
+    folders: dict[str, list] = {}
     for name, answers in ANSWERS.items():
         arm, _, seed = name.partition("-s")
-        write_jsonl(
-            out / "eval" / name / "shapeworld_chair" / "answers.jsonl",
-            [{"question_id": f"sw_{i:06d}", "answer": a} for i, a in enumerate(answers)],
-        )
-        metrics = {**hallucination_metrics(answers, SCENES), **pope(0.5 + 0.1 * len(runs))}
+        metrics = write_eval(out / "eval" / name, held_out, answers)
+        assert metrics["chair_i"] == hallucination_metrics(answers, SCENES)["chair_i"]
         runs.setdefault(arm, []).append({"seed": int(seed), **metrics} if seed else metrics)
-    arms = {arm: summarize(per_seed) for arm, per_seed in runs.items()}
+        folders.setdefault(arm, []).append(out / "eval" / name)
+    if scenes is not SCENES:
+        shutil.rmtree(held_out)
+        write_llava_dataset(scenes, WorldConfig(), held_out, with_questions=False)
+    arms = {arm: summarize(per_seed, folders[arm]) for arm, per_seed in runs.items()}
     for seed in (0, 1):
         lines = [{"step": k, "loss": 2.0 - k / 10} for k in (1, 2, 3)]
         write_jsonl(out / "train" / f"sft-s{seed}" / "metrics.jsonl", lines)
@@ -199,16 +194,29 @@ def test_marks_exactly_the_shapes_the_gold_caption_does_not_name():
 
 
 def test_markdown_tables_equal_the_results(report):
-    """mean ± sd as worked by hand in ANSWERS' comment; single runs without a spread."""
+    """mean [95% interval] of every arm, means as worked by hand in ANSWERS' comment.
+
+    The base (one run) has the scene bootstrap: its scenes hold (hallucinated, mentions) (1, 3),
+    (1, 2), (0, 2); a draw of scene 2 alone (odds 1/27 = 3.7% > 2.5%) gives 0, of scene 1 alone
+    (also 3.7%) the maximum 1/2: the interval is [0, 0.5]. BPO answers every scene exactly:
+    [0, 0]. SFT's bounds are the bootstrap's, read back from results.json.
+    """
     _, results, _, md = report
-    assert "| sft | 2 | 0.2083 ± 0.0589 |" in md
-    assert "| base | 1 | 0.2857 |" in md  # one run: the mean alone
-    assert "| bpo | 2 | 0.0000 ± 0.0000 |" in md
-    assert mean_sd(results["arms"]["sft"], "chair_i") == "0.2083 ± 0.0589"
+    sft = results["arms"]["sft"]
+    low, high = sft["intervals"]["ci"]["chair_i"]
+    assert low <= 5 / 24 <= high
+    assert f"| sft | 2 | 0.2083 \\[{low:.4f}, {high:.4f}\\] |" in md
+    assert "| base | 1 | 0.2857 \\[0.0000, 0.5000\\] |" in md
+    assert "| bpo | 2 | 0.0000 \\[0.0000, 0.0000\\] |" in md
+    assert mean_ci(sft, "chair_i") == f"0.2083 [{low:.4f}, {high:.4f}]"
+    assert "well-formed | repetition | length ratio |" in md  # the scorer judged answer quality
+    # POPE per split: BPO's captions are exact, so is its every POPE answer.
+    assert "| bpo | 1.000 \\[1.000, 1.000\\] | 1.000 \\[1.000, 1.000\\] | 0.500" in md
+    assert "In brackets, 95% intervals (2.5th-97.5th percentiles) of a two-level" in md
     assert "| sft | seed 0 | 0.2500 |" in md and "| sft | seed 1 | 0.1667 |" in md
     assert "| weaken | 900 | 3 | 0.667 | 0.500 | 0.750 | 0.200 |" in md
     assert "| inject | — | 2 | 1.000 | 0.400 | 1.000 | 0.250 |" in md
-    assert "BPO beat SFT on CHAIR_i: 0.0000 ± 0.0000 against 0.2083 ± 0.0589" in md
+    assert "BPO beat SFT on CHAIR_i: 0.0000 \\[0.0000, 0.0000\\] against 0.2083 \\[" in md
     assert "The claim holds" in md
     assert "[pairs.html](pairs.html)" in md
 
@@ -248,14 +256,20 @@ def test_reward_plots_draw_one_line_per_dpo_run(report):
 
 
 def test_full_run_pools_worlds_and_links_every_pair_viewer(tmp_path):
-    """`--run.full`: a folder per world seed, results.json pooling the arms over worlds x seeds."""
+    """`--run.full`: a folder per world seed, results.json pooling the arms over worlds x seeds,
+    with intervals resampling the runs of both worlds and each world's scenes."""
     worlds = {w: make_run(tmp_path / f"world{w}") for w in (0, 1)}
-    arms = {
-        arm: summarize(
-            [{"world": w, **run} for w, r in worlds.items() for run in r["arms"][arm]["per_seed"]]
-        )
-        for arm in worlds[0]["arms"]
-    }
+    arms = {}
+    for arm in worlds[0]["arms"]:
+        runs = [
+            {"world": w, **run} for w, r in worlds.items() for run in r["arms"][arm]["per_seed"]
+        ]
+        labels = [f"{arm}-s{run['seed']}" if "seed" in run else arm for run in runs]
+        folders = [
+            tmp_path / f"world{run['world']}" / "eval" / label
+            for run, label in zip(runs, labels, strict=True)
+        ]
+        arms[arm] = summarize(runs, folders, [run["world"] for run in runs])
     results = {
         **worlds[0],
         "arms": arms,
@@ -264,7 +278,14 @@ def test_full_run_pools_worlds_and_links_every_pair_viewer(tmp_path):
     }
     html_path, md_path = write_report(tmp_path, results)
     page, md = html_path.read_text(), md_path.read_text()
-    assert "| sft | 4 | 0.2083 ± 0.0481 |" in md  # 1/4, 1/6, 1/4, 1/6: sd sqrt(4 * (1/24)^2 / 3)
+    # 1/4, 1/6, 1/4, 1/6: mean 5/24; t-interval 3.1824 sd / 2, sd sqrt(4 * (1/24)^2 / 3).
+    sft = arms["sft"]["intervals"]
+    assert (sft["runs"], sft["scenes"]) == (4, 2 * len(SCENES))
+    half = 3.1824 * math.sqrt(4 / 24**2 / 3) / 2
+    assert sft["t_ci"]["chair_i"] == pytest.approx([5 / 24 - half, 5 / 24 + half])
+    assert "within each world" in sft["method"]
+    low, high = sft["ci"]["chair_i"]
+    assert f"| sft | 4 | 0.2083 \\[{low:.4f}, {high:.4f}\\] |" in md
     assert "| sft | world 1, seed 0 | 0.2500 |" in md
     assert "| world1 | weaken | 900 | 3 | 0.667 |" in md
     for w in (0, 1):

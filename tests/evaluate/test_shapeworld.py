@@ -10,7 +10,12 @@ import pytest
 from bpo.evaluate.benchmarks import read_items
 from bpo.evaluate.chair import chair_scores
 from bpo.evaluate.config import BenchmarkConfig
-from bpo.evaluate.shapeworld import hallucination_metrics, read_shapeworld_pope
+from bpo.evaluate.datasets import EvalItem
+from bpo.evaluate.shapeworld import (
+    hallucination_metrics,
+    read_shapeworld_pope,
+    score_shapeworld_chair,
+)
 from bpo.shapeworld.export import scene_to_json
 from bpo.shapeworld.metrics import partner_scores
 from bpo.shapeworld.world import PARTNERS, SHAPES, Scene, ShapeObject
@@ -39,6 +44,9 @@ def test_hallucination_metrics_extracts_mentions_and_combines_both_scores():
     CHAIR: chair_s 1/3, chair_i 1/3 (1 of 3 mentions), recall (1 + 1 + 0) / (1 + 2 + 1) = 1/2,
     chair_s_mentioned 1/2. Partner: the one hallucination is a partner -> share 1; chance: the
     truth {circle} has the one partner p among len(SHAPES) - 1 absent shapes.
+    Quality: answers 1 and 3 are well-formed captions, "two rings." is not -> 2/3; no repeats;
+    words (7 + 2 + 1) / gold words (3 + 7 + 3: "a red circle.", "a green cross and a white
+    ring.", "a blue square.") = 10/13.
     """
     partner = PARTNERS["circle"]
     scenes = [
@@ -50,13 +58,88 @@ def test_hallucination_metrics_extracts_mentions_and_combines_both_scores():
     metrics = hallucination_metrics(answers, scenes)
     mentions = [["circle", partner], ["ring"], []]
     truth = [{"circle"}, {"cross", "ring"}, {"square"}]
-    assert metrics == {**chair_scores(mentions, truth), **partner_scores(mentions, truth)}
+    quality = {
+        "well_formed": pytest.approx(2 / 3),
+        "repetition": 0.0,
+        "repeated_mentions": 0.0,
+        "length_ratio": pytest.approx(10 / 13),
+    }
+    assert metrics == {
+        **chair_scores(mentions, truth),
+        **partner_scores(mentions, truth),
+        **quality,
+    }
     assert metrics["chair_s"] == pytest.approx(1 / 3)
     assert metrics["chair_i"] == pytest.approx(1 / 3)
     assert metrics["recall"] == pytest.approx(1 / 2)
     assert metrics["chair_s_mentioned"] == pytest.approx(1 / 2)
     assert metrics["partner_share"] == 1.0
     assert metrics["partner_chance"] == pytest.approx(1 / (len(SHAPES) - 1))
+
+
+def test_score_shapeworld_chair_adds_answer_quality_to_metrics_and_records():
+    """
+    q0 {red circle, blue square}, "a red circle and a red" (cut short): mentions circle; ill-formed;
+       6 words; gold "a red circle and a blue square." 7.
+    q1 {purple square, purple diamond}, "a purple square, a purple square and a purple diamond.":
+       mentions square, square, diamond; 1 repeated; 10 words; gold 7.
+    q2 {green triangle}, "a green triangle and a green bar.": mentions triangle, bar (absent, the
+       triangle's partner); 7 words; gold "a green triangle." 3.
+    CHAIR: chair_i 1/6 (bar of 6 mentions), chair_s 1/3, recall (1 + 2 + 1) / (2 + 2 + 1) = 4/5.
+    Partner: share 1/1; chance |{bar}| / 7 absent shapes = 1/7.
+    Quality: well_formed 2/3, repetition 1/3, repeated_mentions 1/6, length_ratio
+    (6 + 10 + 7) / (7 + 7 + 3) = 23/17.
+    """
+    scenes = [
+        Scene((ShapeObject("circle", "red", 0, 0), ShapeObject("square", "blue", 0, 1))),
+        Scene((ShapeObject("square", "purple", 0, 0), ShapeObject("diamond", "purple", 1, 1))),
+        Scene((ShapeObject("triangle", "green", 2, 2),)),
+    ]
+    items = [
+        EvalItem(f"q{k}", "Describe the image.", None, {"scene": s}) for k, s in enumerate(scenes)
+    ]
+    texts = [
+        "a red circle and a red",
+        "a purple square, a purple square and a purple diamond.",
+        "a green triangle and a green bar.",
+    ]
+    answers = {f"q{k}": text for k, text in enumerate(texts)}
+    metrics, records = score_shapeworld_chair(items, answers)
+    assert metrics == {
+        "chair_s": pytest.approx(1 / 3),
+        "chair_i": pytest.approx(1 / 6),
+        "recall": pytest.approx(4 / 5),
+        "chair_s_mentioned": pytest.approx(1 / 3),
+        "responses": 3,
+        "mentions": 6,
+        "hallucinated_mentions": 1,
+        "partner_share": 1.0,
+        "partner_chance": pytest.approx(1 / 7),
+        "well_formed": pytest.approx(2 / 3),
+        "repetition": pytest.approx(1 / 3),
+        "repeated_mentions": pytest.approx(1 / 6),
+        "length_ratio": pytest.approx(23 / 17),
+    }
+    assert hallucination_metrics(texts, scenes) == metrics
+    assert records[0] == {
+        "question_id": "q0",
+        "answer": "a red circle and a red",
+        "mentions": ["circle"],
+        "hallucinated": [],
+        "ground_truth": ["circle", "square"],
+        "well_formed": False,
+        "repeated": 0,
+        "words": 6,
+        "gold_words": 7,
+    }
+    quality = [
+        {k: r[k] for k in ("well_formed", "repeated", "words", "gold_words")} for r in records
+    ]
+    assert quality[1:] == [
+        {"well_formed": True, "repeated": 1, "words": 10, "gold_words": 7},
+        {"well_formed": True, "repeated": 0, "words": 7, "gold_words": 3},
+    ]
+    assert records[2]["hallucinated"] == ["bar"]
 
 
 # The benchmark's two scenes, and five corpus scenes whose statistics rank the negatives instead.

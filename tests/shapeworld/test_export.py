@@ -8,13 +8,21 @@ from PIL import Image
 
 from bpo.data import BadRecord, Sample, read_llava
 from bpo.shapeworld.export import read_scenes, write_llava_dataset
-from bpo.shapeworld.world import Scene, ShapeObject, WorldConfig, render, sample_scene
+from bpo.shapeworld.world import (
+    Scene,
+    ShapeObject,
+    WorldConfig,
+    caption,
+    render,
+    sample_scene,
+)
 
 # Two shapes and one object per scene: `questions` then has exactly one present shape to ask
 # about and one absent, so every record's conversation is known by hand, whatever the seed.
 CFG = WorldConfig(
     grid=3, cell_size=6, pixel_noise=0.1, shapes=("circle", "square"), colours=("red", "blue")
 )
+WORLD = WorldConfig()  # eight shapes, 1..3 objects a scene
 OBJECTS = [
     ShapeObject("circle", "red", 0, 0, 1.0),
     ShapeObject("square", "blue", 1, 2, 0.35),
@@ -30,9 +38,9 @@ def expected_turns(o: ShapeObject) -> list[tuple[str, str]]:
     other = "square" if o.shape == "circle" else "circle"
     return [
         ("<image>\nDescribe the image.", f"a {o.colour} {o.shape}."),
-        (f"Is there a {o.shape} in the image?", "Yes."),
+        (f"Is there a {o.shape} in the image?", f"{o.shape} yes."),
         (f"What color is the {o.shape}?", f"The {o.shape} is {o.colour}."),
-        (f"Is there a {other} in the image?", "No."),
+        (f"Is there a {other} in the image?", f"{other} no."),
         ("How many shapes are in the image?", "There is one shape."),
     ]
 
@@ -155,3 +163,33 @@ def test_scene_on_another_grid_is_refused(tmp_path):
     scene = Scene((ShapeObject("circle", "red", 3, 3),), grid=4)
     with pytest.raises(ValueError, match=r"scene 0 \(sw_000000\) has grid 4 .* grid 3"):
         write_llava_dataset([scene], CFG, tmp_path)
+
+
+def test_an_existence_share_of_records_asks_one_question_answered_by_the_scene(tmp_path):
+    """existence_share=1: every record is one existence question, about a present shape or an
+    absent one, answered "ring yes." or "ring no." by the scene; over 200 scenes both kinds occur, about
+    half each (the draw is a fair coin: 100 +- 3 sd of 7 is 79..121)."""
+    rng = np.random.default_rng(5)
+    scenes = [sample_scene(rng, WORLD) for _ in range(200)]
+    path = write_llava_dataset(scenes, WORLD, tmp_path, with_questions=False, existence_share=1.0)
+    records = json.loads(path.read_text())
+    yes = 0
+    for record, scene in zip(records, scenes, strict=True):
+        (ask, answer) = record["conversations"]
+        shape = ask["value"].removeprefix("<image>\nIs there a ").removesuffix(" in the image?")
+        assert shape in WORLD.shapes
+        assert answer["value"] == f"{shape} " + ("yes." if shape in scene.shapes else "no.")
+        yes += answer["value"].endswith(" yes.")
+    assert 79 <= yes <= 121
+
+
+def test_a_share_of_records_are_questions_the_rest_captions(tmp_path):
+    """existence_share=0.25 over 200 scenes: about 50 questions (binomial sd 6.1: 32..68), every
+    other record the scene's caption."""
+    rng = np.random.default_rng(6)
+    scenes = [sample_scene(rng, WORLD) for _ in range(200)]
+    path = write_llava_dataset(scenes, WORLD, tmp_path, with_questions=False, existence_share=0.25)
+    answers = [r["conversations"][-1]["value"] for r in json.loads(path.read_text())]
+    asked = sum(a.endswith((" yes.", " no.")) for a in answers)
+    assert 32 <= asked <= 68
+    assert sum(a == caption(s) for a, s in zip(answers, scenes, strict=True)) == 200 - asked

@@ -87,32 +87,32 @@ def test_questions_exact_for_a_scene_with_one_present_and_one_absent_shape():
     cfg = small_config(shapes=("circle", "square"))
     scene = Scene((RED_CIRCLE,))
     assert questions(scene, np.random.default_rng(5), cfg) == [
-        ("Is there a circle in the image?", "Yes."),
+        ("Is there a circle in the image?", "circle yes."),
         ("What color is the circle?", "The circle is red."),
-        ("Is there a square in the image?", "No."),
+        ("Is there a square in the image?", "square no."),
         ("How many shapes are in the image?", "There is one shape."),
     ]
 
 
 def test_questions_for_an_empty_scene_and_a_full_scene():
-    """Empty scene: no yes/colour question, one 'No.' about either shape, count 'zero'.
-    Both shapes present: no 'No.' question; the shown shape's colour is its object's."""
+    """Empty scene: no yes/colour question, one 'no.' about either shape, count 'zero'.
+    Both shapes present: no 'no.' question; the shown shape's colour is its object's."""
     cfg = small_config(shapes=("circle", "square"))
     empty = questions(Scene(()), np.random.default_rng(0), cfg)
     assert empty[0] in [
-        ("Is there a circle in the image?", "No."),
-        ("Is there a square in the image?", "No."),
+        ("Is there a circle in the image?", "circle no."),
+        ("Is there a square in the image?", "square no."),
     ]
     assert empty[1:] == [("How many shapes are in the image?", "There are zero shapes.")]
     full = questions(Scene((RED_CIRCLE, BLUE_SQUARE)), np.random.default_rng(0), cfg)
     assert full in (
         [
-            ("Is there a circle in the image?", "Yes."),
+            ("Is there a circle in the image?", "circle yes."),
             ("What color is the circle?", "The circle is red."),
             ("How many shapes are in the image?", "There are two shapes."),
         ],
         [
-            ("Is there a square in the image?", "Yes."),
+            ("Is there a square in the image?", "square yes."),
             ("What color is the square?", "The square is blue."),
             ("How many shapes are in the image?", "There are two shapes."),
         ],
@@ -124,7 +124,7 @@ COLOUR = re.compile(r"What color is the (\w+)\?")
 
 
 def test_sampled_question_answers_are_true_of_their_scenes():
-    """For 500 sampled scenes: 'Is there a X' is 'Yes.' iff X is in the scene; the colour answer
+    """For 500 sampled scenes: 'Is there a X' is 'X yes.' iff X is in the scene; the colour answer
     names that object's colour; the count answer names len(objects). One yes (scene never empty
     here), one no (at most 4 of 6 shapes present), one colour and one count question each."""
     cfg = small_config()
@@ -133,12 +133,13 @@ def test_sampled_question_answers_are_true_of_their_scenes():
         scene = sample_scene(rng, cfg)
         colour_of = {o.shape: o.colour for o in scene.objects}
         qa = questions(scene, rng, cfg)
-        answers = {"Yes.": 0, "No.": 0}
+        answers = {"yes.": 0, "no.": 0}
         for question, answer in qa:
             if match := EXISTS.fullmatch(question):
                 shape = match.group(1)
-                assert answer == ("Yes." if shape in scene.shapes else "No.")
-                answers[answer] += 1
+                word = "yes." if shape in scene.shapes else "no."
+                assert answer == f"{shape} {word}"
+                answers[word] += 1
             elif match := COLOUR.fullmatch(question):
                 shape = match.group(1)
                 assert answer == f"The {shape} is {colour_of[shape]}."
@@ -147,5 +148,5 @@ def test_sampled_question_answers_are_true_of_their_scenes():
                 assert question == "How many shapes are in the image?"
                 expected = "one shape." if n == 1 else f"{COUNT_WORDS[n]} shapes."
                 assert answer == ("There is " if n == 1 else "There are ") + expected
-        assert answers == {"Yes.": 1, "No.": 1}
+        assert answers == {"yes.": 1, "no.": 1}
         assert len(qa) == 4

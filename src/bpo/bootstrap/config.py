@@ -18,6 +18,7 @@ EDIT_TYPES = (
     "change_colour",
     "change_count",
     "change_position",
+    "flip_answer",
 )
 
 

@@ -14,11 +14,13 @@ adapter's initialisation, not the data.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from bpo.demo.config import ArmsConfig
+from bpo.demo.intervals import arm_intervals
 from bpo.models.load import ModelConfig
 from bpo.train.config import LoraSettings, LossSettings, TrainConfig
 
@@ -108,8 +110,17 @@ def arm_train_config(
     )
 
 
-def summarize(per_seed: list[dict[str, float]]) -> dict[str, Any]:
-    """Mean of every numeric metric over the seeds, their sample std under `std`, and the seeds."""
+def summarize(
+    per_seed: list[dict[str, float]],
+    folders: Sequence[str | Path] | None = None,
+    worlds: Sequence[int | None] | None = None,
+) -> dict[str, Any]:
+    """Mean of every numeric metric over the seeds, their sample std under `std`, and the seeds.
+
+    folders: the runs' `bpo eval` folders, in `per_seed`'s order: their 95% intervals
+        (`bpo.demo.intervals.arm_intervals`) go under `intervals`.
+    worlds: each run's world in a full run (its scenes are resampled within it).
+    """
     ids = ("seed", "world")  # which run it was, not a metric
     names = [k for k, v in per_seed[0].items() if isinstance(v, int | float) and k not in ids]
     means = {k: sum(run[k] for run in per_seed) / len(per_seed) for k in names}
@@ -118,4 +129,9 @@ def summarize(per_seed: list[dict[str, float]]) -> dict[str, Any]:
         for k in names:
             var = sum((run[k] - means[k]) ** 2 for run in per_seed) / (len(per_seed) - 1)
             spread[k] = math.sqrt(var)
-    return {**means, "std": spread, "per_seed": per_seed}
+    summary = {**means, "std": spread, "per_seed": per_seed}
+    if folders is not None:
+        if len(folders) != len(per_seed):
+            raise ValueError(f"{len(per_seed)} runs but {len(folders)} eval folders")
+        summary["intervals"] = arm_intervals(folders, worlds)
+    return summary

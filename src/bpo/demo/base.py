@@ -43,6 +43,7 @@ from bpo.shapeworld.world import (
     WorldConfig,
     caption,
     cell_labels,
+    existence_qa,
     grid_description,
     grid_vocabulary,
     questions,
@@ -113,26 +114,39 @@ def tokenizer_texts(world: World, wcfg: WorldConfig) -> list[str]:
 def text_examples(
     processor, scenes: list[Scene], cfg: DemoConfig, seed: int
 ) -> list[pretrain.Example]:
-    """The corpus as chat turns: "USER: [grid description\n]Describe the image. ASSISTANT: ..."."""
+    """The corpus as chat turns: "USER: [grid description\n]Describe the image. ASSISTANT: ...".
+
+    A share (`corpus_qa_fraction`) of the grid-prompted texts ask whether a shape is there
+    instead, answered by the scene: where the grid leaves a cell unknown the answer follows the
+    corpus's co-occurrence, so the LM learns to answer from context and fill gaps from its prior.
+    """
     prompts = pretrain.PromptCache(processor)
     rng = np.random.default_rng(seed)
     examples = []
     for scene in scenes:
         question = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
+        text = caption(scene)
         if rng.random() < cfg.grid_fraction:
-            question = grid_description(scene, rng, cfg.unknown_prob) + "\n" + question
-        answer = pretrain.encode_answer(processor, caption(scene))
+            grid = grid_description(scene, rng, cfg.unknown_prob)
+            if rng.random() < cfg.corpus_qa_fraction:
+                question, text = existence_qa(scene, rng, cfg.world)
+            question = grid + "\n" + question
+        answer = pretrain.encode_answer(processor, text)
         examples.append(pretrain.Example(prompts(question, False), answer))
     return examples
 
 
 def image_examples(processor, scenes, cfg: DemoConfig, seed: int) -> list[pretrain.Example]:
-    """Alignment examples: a caption request, or (qa_fraction of them) a question, per scene."""
+    """Alignment examples, one per scene: an existence question (`existence_fraction` of them),
+    another question (`qa_fraction`), or a caption request."""
     prompts = pretrain.PromptCache(processor)
     rng = np.random.default_rng(seed)
     examples = []
     for index, scene in enumerate(scenes):
-        if rng.random() < cfg.qa_fraction:
+        draw = rng.random()
+        if draw < cfg.existence_fraction:
+            question, answer = existence_qa(scene, rng, cfg.world)
+        elif draw < cfg.existence_fraction + cfg.qa_fraction:
             qa = questions(scene, rng, cfg.world)
             question, answer = qa[int(rng.integers(len(qa)))]
         else:
@@ -161,6 +175,7 @@ def pretrained_model(cfg: DemoConfig, world: World, cache_dir: Path, log):
         asdict(cfg.tower),
         cfg.grid_fraction,
         cfg.unknown_prob,
+        cfg.corpus_qa_fraction,
     )
     folder = cache_dir / f"pretrained-{key}"
     if (folder / "config.json").exists():

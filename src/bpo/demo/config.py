@@ -26,7 +26,10 @@ class StageConfig:
 class NegativesConfig:
     """How the demo bootstraps pairs from its alignment set (one `bpo bootstrap` run)."""
 
-    scenes: int = 500  # alignment scenes whose gold captions are the positives
+    scenes: int = 700  # alignment scenes whose gold answers are the positives
+    # Share of those scenes asked one existence question ("Is there a ring in the image?", a
+    # present or an absent shape) instead of a caption: pairs for POPE-style answers too.
+    existence_share: float = 0.3
     # Weakened negatives at each step (sigmoid schedule; the paper uses t = 900). Moderate steps:
     # here t <= 300 leaves the image half legible, so the model's own captions carry its text
     # prior (partner share ~0.5-0.55, chance ~0.34); at t = 900 the image is gone, the captions
@@ -48,8 +51,8 @@ class ArmsConfig:
     arms: tuple[str, ...] = ("sft", "bpo", "bpo_weaken", "bpo_inject")
     # A BPO arm per noise step, on the weakened negatives of that step only (`--full true`).
     sweep_steps: tuple[int, ...] = ()
-    seeds: tuple[int, ...] = (0, 1, 2)  # every seed for sft and bpo
-    ablation_seeds: tuple[int, ...] = (0,)  # the other arms (`bpo demo --full true`: all)
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds of sft and bpo
+    ablation_seeds: tuple[int, ...] = (0, 1, 2)  # of the other arms
     steps: int = 150  # optimizer steps, the same for every arm
     batch_size: int = 16  # pairs per step
     # Tuned on training seeds 10..12 and held-out scenes 2000..3999 (disjoint from a run's): the
@@ -77,19 +80,25 @@ class DemoConfig:
     corpus_size: int = 20000  # text-only captions carrying the co-occurrence prior
     tower_scenes: int = 4000  # images for the vision tower's pretraining
     align_scenes: int = 3000  # the unbiased image-text alignment set
-    eval_scenes: int = 2000  # held-out scenes for the hallucination metrics
-    qa_fraction: float = 0.3  # share of alignment examples that are questions, not captions
+    eval_scenes: int = 1500  # held-out scenes for the hallucination metrics
+    # Shares of alignment examples that are existence questions (present or absent shape, equal
+    # odds) and other questions (colour, count); the rest are captions.
+    existence_fraction: float = 0.3
+    qa_fraction: float = 0.15
     lm: StageConfig = field(default_factory=lambda: StageConfig(800, 64, 3e-3))
     tower: StageConfig = field(default_factory=lambda: StageConfig(400, 64, 2e-3))
     projector: StageConfig = field(default_factory=lambda: StageConfig(500, 32, 3e-3))
-    full: StageConfig = field(default_factory=lambda: StageConfig(20, 32, 5e-4))
+    full: StageConfig = field(default_factory=lambda: StageConfig(60, 32, 5e-4))
     # Share of corpus texts whose prompt carries the scene as a grid description (some cells
     # unknown): they teach the LM to read a scene from context and fill gaps from its prior.
     grid_fraction: float = 0.6
     unknown_prob: float = 0.3
-    replay_weight: float = 1.0  # text-corpus replay during the full stage
+    # Share of grid-prompted corpus texts that ask whether a shape is there (answered by the
+    # scene, so the prior decides where the grid leaves a cell unknown) instead of a caption.
+    corpus_qa_fraction: float = 0.5
+    replay_weight: float = 2.0  # text-corpus replay during the full stage
     max_new_tokens: int = 40  # caption length limit at evaluation
-    pope_per_image: int = 2  # POPE: yes-questions per image (and as many no-questions)
+    pope_per_image: int = 1  # POPE: yes-questions per image (and as many no-questions)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     training: ArmsConfig = field(default_factory=ArmsConfig)  # the SFT and BPO arms
     eval_batch_size: int = 100

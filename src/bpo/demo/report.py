@@ -2,7 +2,8 @@
 
 The page needs nothing but itself: CSS inline, plots as inline SVG (`bpo.report.svg`), scene
 images as PNG data URIs read from the held-out dataset, no script. It shows the results table
-(mean ± sample sd per arm over its runs, and every run), the claim as measured, CHAIR_i per arm
+(per arm the mean over its runs and its 95% interval, `bpo.demo.intervals`; POPE per split;
+answer quality when judged; every run), the claim as measured, CHAIR_i per arm
 with a point per run, `rewards/margins` and `rewards/accuracies` over the training steps, how
 often the negatives of each source and noise step name an absent shape, held-out scenes answered
 by base, SFT and BPO side by side with every hallucinated object marked, and a link to the pair
@@ -24,6 +25,7 @@ from bpo.demo.summary import (
     Example,
     arm_of_log,
     claim_text,
+    interval_note,
     mark_hallucinations,
     negative_sources,
     negatives_table,
@@ -230,12 +232,13 @@ def _html_page(
         "<h1>bpo demo: ShapeWorld report</h1>",
         f'<p class="meta">{html.escape(_meta_line(results))}</p>',
         f'<p class="claim {claim_class}" id="claim">{html.escape(claim)}</p>',
-        "<h2>Results</h2><p class='meta'>Held-out scenes; mean ± sample sd over each arm's runs. "
+        "<h2>Results</h2><p class='meta'>Held-out scenes; the mean over each arm's runs. "
+        f"{html.escape(interval_note(results))} "
         "CHAIR_i: share of mentioned shapes absent from the image (lower is better); partner "
         "share: share of those that are the text prior's partner of a present shape, against "
         "its chance level.</p>",
         _html_table(*results_table(results), "results"),
-        "<h3>POPE</h3>",
+        "<h3>POPE (per split)</h3>",
         _html_table(*pope_table(results), "pope"),
         "<h3>Every run</h3>",
         _html_table(*runs_table(results), "runs"),
@@ -271,11 +274,13 @@ def _markdown(
         "",
         _md(claim_text(results)[1]),
         "",
-        "## Results (mean ± sd over runs)",
+        "## Results (mean [95% interval] over runs)",
+        "",
+        _md(interval_note(results)),
         "",
         _md_table(*results_table(results)),
         "",
-        "### POPE",
+        "### POPE (per split)",
         "",
         _md_table(*pope_table(results)),
         "",

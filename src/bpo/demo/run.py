@@ -22,7 +22,7 @@ from bpo.data import read_pairs
 from bpo.data.files import write_atomic
 from bpo.demo.arms import arm_seeds, arms_of, check_arms, summarize
 from bpo.demo.base import align_model, build_world, pretrained_model
-from bpo.demo.claim import check_base, claim
+from bpo.demo.claim import ablation, check_base, claim
 from bpo.demo.config import DemoConfig
 from bpo.demo.report import write_report
 from bpo.demo.stages import (
@@ -86,14 +86,16 @@ def run_world(cfg: DemoConfig, out: Path, log=print) -> dict:
             metrics = base_eval.result()
             done(0)
             log(f"base: CHAIR_i {metrics['chair_i']:.4f}, recall {metrics['recall']:.4f}")
-            arms = {"base": {**metrics, "per_seed": [metrics]}}
-            arms.update(gather_arms(trained, log, done))
+            arms = {"base": summarize([metrics], [out / "eval" / "base"])}
+            arms.update(gather_arms(trained, log, done, out / "eval"))
     results = {
         "arms": arms,
         "seeds": list(cfg.training.seeds),
         "claim": claim(arms),
+        "ablation": ablation(arms),
         "checks": {"base": check_base(metrics)},
         "negatives": negatives,
+        "existence_negatives": negatives.pop("existence", {}),
         "config": asdict(cfg),
         "versions": versions(),
         "wall_s": round(time.time() - started, 1),
@@ -139,8 +141,9 @@ def train_arms(cfg: DemoConfig, base: Path, pairs: Path, data, out: Path, evalua
     return trained
 
 
-def gather_arms(trained: dict[str, list], log, done) -> dict:
-    """{arm: mean metrics + std + per_seed} once every arm's evaluations are in."""
+def gather_arms(trained: dict[str, list], log, done, eval_dir: Path) -> dict:
+    """{arm: mean metrics + std + per_seed + intervals} once every arm's evaluations are in;
+    the intervals resample the scenes judged under eval_dir/{arm}-s{seed}."""
     results = {}
     for arm, runs in trained.items():
         per_seed = []
@@ -152,8 +155,29 @@ def gather_arms(trained: dict[str, list], log, done) -> dict:
                 f"recall {metrics['recall']:.4f}"
             )
             per_seed.append({"seed": seed, **metrics})
-        results[arm] = summarize(per_seed)
+        folders = [eval_dir / f"{arm}-s{seed}" for seed, _ in runs]
+        results[arm] = summarize(per_seed, folders)
     return results
+
+
+def pool_worlds(worlds: dict[int, dict], out: Path) -> dict[str, dict]:
+    """{arm: its runs of every world pooled}: means, std and intervals over worlds x seeds.
+
+    The intervals take the runs of all worlds as the seed level and resample each world's
+    held-out scenes within it (the worlds' scene sets differ). An arm a world skipped (no
+    pairs) pools the worlds that ran it.
+    """
+    arms: dict[str, dict] = {}
+    names = dict.fromkeys(arm for result in worlds.values() for arm in result["arms"])
+    for arm in names:
+        runs, folders = [], []
+        for w, result in worlds.items():
+            for run in result["arms"].get(arm, {}).get("per_seed", []):
+                runs.append({"world": w, **run})
+                label = arm if run.get("seed") is None else f"{arm}-s{run['seed']}"
+                folders.append(out / f"world{w}" / "eval" / label)
+        arms[arm] = summarize(runs, folders, [run["world"] for run in runs])
+    return arms
 
 
 def full_config(cfg: DemoConfig, world_seed: int) -> DemoConfig:
@@ -173,21 +197,13 @@ def run_full(cfg: DemoConfig, out: Path, log=print) -> dict:
         worlds[world_seed] = run_world(
             full_config(cfg, world_seed), out / f"world{world_seed}", log
         )
-    arms: dict[str, dict] = {}
-    names = dict.fromkeys(arm for result in worlds.values() for arm in result["arms"])
-    for arm in names:  # an arm a world skipped (no pairs) pools the worlds that ran it
-        runs = [
-            {"world": w, **run}
-            for w, result in worlds.items()
-            if arm in result["arms"]
-            for run in result["arms"][arm]["per_seed"]
-        ]
-        arms[arm] = summarize(runs)
+    arms = pool_worlds(worlds, out)
     results = {
         "arms": arms,
         "seeds": list(cfg.training.seeds),
         "world_seeds": list(cfg.full_world_seeds),
         "claim": claim(arms),
+        "ablation": ablation(arms),
         "checks": {f"base_world{w}": r["checks"]["base"] for w, r in worlds.items()},
         "negatives": {f"world{w}": r["negatives"] for w, r in worlds.items()},
         "config": asdict(cfg),

@@ -31,17 +31,18 @@ from bpo.bootstrap.config import BootstrapConfig, InjectConfig, WeakenConfig, we
 from bpo.bootstrap.config import check_config as check_bootstrap_config
 from bpo.bootstrap.run import run_bootstrap
 from bpo.bootstrap.stats import REJECT_PREFIX
-from bpo.data import read_bad_records, read_manifest, read_pairs
+from bpo.data import PreferencePair, read_bad_records, read_manifest, read_pairs
 from bpo.demo.arms import Arm, arm_seeds, arm_train_config, arms_of
 from bpo.demo.config import DemoConfig
 from bpo.evaluate.config import BenchmarkConfig, EvalConfig
 from bpo.evaluate.config import check_config as check_eval_config
+from bpo.evaluate.pope import parse_yes_no
 from bpo.evaluate.run import run_eval
 from bpo.evaluate.shapeworld import hallucination_metrics
 from bpo.generate import GenerateConfig
 from bpo.models.load import ModelConfig
 from bpo.shapeworld.export import read_scenes, record_id, write_llava_dataset, write_scenes
-from bpo.shapeworld.world import CAPTION_PROMPTS, check_world
+from bpo.shapeworld.world import CAPTION_PROMPTS, check_world, is_existence_answer
 from bpo.train.config import check_config as check_train_config
 from bpo.train.run import train
 
@@ -80,7 +81,15 @@ def export_datasets(cfg: DemoConfig, world: Any, out: Path) -> Datasets:
     data = datasets_in(out)
     align = world.align_scenes[: cfg.negatives.scenes]
     prompt = CAPTION_PROMPTS[0]
-    write_llava_dataset(align, cfg.world, data.align, cfg.seed, with_questions=False, prompt=prompt)
+    write_llava_dataset(
+        align,
+        cfg.world,
+        data.align,
+        cfg.seed,
+        with_questions=False,
+        prompt=prompt,
+        existence_share=cfg.negatives.existence_share,
+    )
     write_llava_dataset(
         world.eval_scenes, cfg.world, data.held_out, cfg.seed, with_questions=False, prompt=prompt
     )
@@ -126,40 +135,58 @@ def bootstrap_pairs(
 
 
 def negative_stats(store: Path, align: Path, weaken: WeakenConfig) -> dict[str, dict]:
-    """How wrong the negatives are, per source and noise step, against the exact scenes:
-    `with_hallucination` is the share naming a shape absent from the scene; rejects per reason
-    (the store's, by pair key) beside them."""
+    """How wrong the negatives are, per source and noise step, against the exact scenes.
+
+    Caption negatives: `with_hallucination` is the share naming a shape absent from the scene.
+    Existence-question negatives (gold "ring yes." or "ring no."), under "existence": `wrong_answer` is
+    the share whose answer is the opposite of the gold's. Rejects per reason (the store's, by
+    pair key) beside them.
+    """
     scenes = {record_id(i): scene for i, scene in enumerate(read_scenes(align / "scenes.jsonl"))}
+    records = json.loads((align / "data.json").read_text(encoding="utf-8"))
+    asks = {r["id"] for r in records if is_existence_answer(r["conversations"][-1]["value"])}
     steps = weaken_steps(weaken)
 
-    def group(source: str, sample_index: int) -> str:
-        return f"weaken_t{steps[sample_index]}" if source == "weaken" else source
+    def group(sample: str, source: str, sample_index: int) -> str:
+        name = f"weaken_t{steps[sample_index]}" if source == "weaken" else source
+        return f"existence/{name}" if sample in asks else name
 
-    texts: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+    made: dict[str, list[PreferencePair]] = defaultdict(list)
     for pair in read_pairs(store):
-        texts[group(pair.source, pair.meta["sample_index"])].append((pair.rejected, pair.id))
+        made[group(pair.id, pair.source, pair.meta["sample_index"])].append(pair)
     rejects: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for bad in read_bad_records(store):
         if not bad.reason.startswith(REJECT_PREFIX):
             continue  # a record that could not be read: no negative was made for it
-        _, source, index = bad.id.rsplit(":", 2)  # a rejected negative's id is its pair key
+        sample, source, index = bad.id.rsplit(":", 2)  # a rejected negative's id: its pair key
         reason = bad.reason.removeprefix(f"{REJECT_PREFIX}{source}_")
-        rejects[group(source, int(index))][reason] += 1
+        rejects[group(sample, source, int(index))][reason] += 1
     order = [f"weaken_t{t}" for t in weaken.noise_steps] + ["inject"]
-    stats = {}
+    stats: dict[str, dict] = {}
     for key in order:
-        made = texts.get(key, [])
-        metrics = hallucination_metrics([t for t, _ in made], [scenes[i] for _, i in made])
+        pairs = made.get(key, [])
+        metrics = hallucination_metrics([p.rejected for p in pairs], [scenes[p.id] for p in pairs])
         stats[key] = {
-            "negatives": len(made),
+            "negatives": len(pairs),
             "with_hallucination": metrics["chair_s"],
             "chair_i": metrics["chair_i"],
             "partner_share": metrics["partner_share"],
             "partner_chance": metrics["partner_chance"],
             "rejected": dict(sorted(rejects.get(key, {}).items())),
         }
+    existence = {}
+    for key in order:
+        pairs = made.get(f"existence/{key}", [])
+        wrong = sum(parse_yes_no(p.rejected) != parse_yes_no(p.chosen) for p in pairs)
+        existence[key] = {
+            "negatives": len(pairs),
+            "wrong_answer": wrong / len(pairs) if pairs else 0.0,
+            "rejected": dict(sorted(rejects.get(f"existence/{key}", {}).items())),
+        }
     manifest = read_manifest(store)
     stats["inject"]["accepted"] = manifest["counts"]["by_source"].get("inject", 0)
+    if any(entry["negatives"] or entry["rejected"] for entry in existence.values()):
+        stats["existence"] = existence
     return stats
 
 
@@ -298,6 +325,7 @@ def check_stages(cfg: DemoConfig) -> None:
             f"negatives.scenes is {cfg.negatives.scenes}; bootstrap from 1 to align_scenes "
             f"({cfg.align_scenes}) alignment scenes"
         )
+    check_shares(cfg)
     out = Path("OUT")
     data, base = datasets_in(out), out / "base"
     with _from_demo("`bpo bootstrap` config from `negatives:`"):
@@ -310,6 +338,25 @@ def check_stages(cfg: DemoConfig) -> None:
                 )
     with _from_demo("`bpo eval` configs from pope_per_image, max_new_tokens and eval_batch_size"):
         check_eval_config(eval_config(cfg, base, data, "base"))
+
+
+def check_shares(cfg: DemoConfig) -> None:
+    """Refuse shares outside [0, 1], and question shares of the alignment set above 1."""
+    shares = {
+        "existence_fraction": cfg.existence_fraction,
+        "qa_fraction": cfg.qa_fraction,
+        "corpus_qa_fraction": cfg.corpus_qa_fraction,
+        "grid_fraction": cfg.grid_fraction,
+        "negatives.existence_share": cfg.negatives.existence_share,
+    }
+    for name, share in shares.items():
+        if not 0 <= share <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {share}")
+    if cfg.existence_fraction + cfg.qa_fraction > 1:
+        raise ValueError(
+            f"existence_fraction {cfg.existence_fraction} + qa_fraction {cfg.qa_fraction} is "
+            "more than 1; they are shares of the same alignment examples"
+        )
 
 
 @contextmanager

@@ -16,7 +16,8 @@ from typing import Any
 
 from bpo.data.files import read_json_lines
 from bpo.data.vocab import word_tokens
-from bpo.demo.claim import claim_sentence
+from bpo.demo.claim import ablation_sentence, claim_sentence
+from bpo.demo.intervals import interval_of, mean_of
 from bpo.shapeworld.export import read_scenes
 from bpo.shapeworld.world import SHAPES, caption, shape_vocabulary
 
@@ -27,6 +28,12 @@ MAIN_METRICS = (
     ("recall", "recall"),
     ("partner_share", "partner share"),
     ("partner_chance", "partner chance"),
+)
+# Answer quality, in the tables when the judgments carry it (bpo.demo.intervals).
+QUALITY_METRICS = (
+    ("well_formed", "well-formed"),
+    ("repetition", "repetition"),
+    ("length_ratio", "length ratio"),
 )
 POPE_STRATEGIES = ("random", "popular", "adversarial")
 POPE_METRICS = (("accuracy", "acc"), ("f1", "F1"), ("yes_ratio", "yes"))
@@ -44,13 +51,29 @@ Table = tuple[list[str], list[list[str]]]
 # --- numbers and tables -------------------------------------------------------------------------
 
 
-def mean_sd(summary: dict[str, Any], key: str, digits: int = 4) -> str:
-    """'mean ± sd' of one metric of an arm's summary; the mean alone when it had a single run."""
-    if key not in summary:
+def mean_ci(summary: dict[str, Any], key: str, digits: int = 4) -> str:
+    """'mean [lo, hi]' of one metric of an arm's summary (its 95% interval); 'mean ± sd' for a
+    summary without intervals, the mean alone for one without either."""
+    mean = mean_of(summary, key)
+    if mean is None:
         return "—"
+    text = f"{mean:.{digits}f}"
+    interval = interval_of(summary, key)
+    if interval is not None:
+        return f"{text} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
     sd = summary.get("std", {}).get(key)
-    text = f"{summary[key]:.{digits}f}"
     return text if sd is None else f"{text} ± {sd:.{digits}f}"
+
+
+def interval_note(results: dict) -> str:
+    """One sentence on how the intervals were computed (each distinct method of the arms)."""
+    intervals = [s["intervals"] for s in results["arms"].values() if s.get("intervals")]
+    # The arms' two-level method first, then the single run's (the base's).
+    intervals.sort(key=lambda i: i["runs"] == 1)
+    methods = list(dict.fromkeys(i["method"] for i in intervals))
+    if not methods:
+        return "No intervals: results.json holds no per-scene statistics; mean ± sd over runs."
+    return "In brackets, 95% intervals (2.5th-97.5th percentiles) of " + "; or ".join(methods) + "."
 
 
 def run_label(run: dict[str, Any]) -> str:
@@ -63,31 +86,44 @@ def run_label(run: dict[str, Any]) -> str:
     return ", ".join(parts) or "—"
 
 
+def quality_metrics(results: dict) -> list[tuple[str, str]]:
+    """The answer-quality metrics some arm has."""
+    arms = results["arms"].values()
+    return [(k, t) for k, t in QUALITY_METRICS if any(mean_of(s, k) is not None for s in arms)]
+
+
 def results_table(results: dict) -> Table:
-    """(header, rows): per arm the number of runs and mean ± sd of the main metrics."""
-    header = ["arm", "runs"] + [title for _, title in MAIN_METRICS]
+    """(header, rows): per arm the number of runs and mean [95% interval] of the main metrics
+    (and the answer-quality ones the judgments carry)."""
+    metrics = [*MAIN_METRICS, *quality_metrics(results)]
+    header = ["arm", "runs"] + [title for _, title in metrics]
     rows = [
-        [arm, str(len(s.get("per_seed", [])) or 1)] + [mean_sd(s, key) for key, _ in MAIN_METRICS]
+        [arm, str(len(s.get("per_seed", [])) or 1)] + [mean_ci(s, key) for key, _ in metrics]
         for arm, s in results["arms"].items()
     ]
     return header, rows
 
 
 def pope_table(results: dict) -> Table:
-    """(header, rows): per arm mean ± sd of POPE's accuracy, F1 and yes ratio per strategy."""
+    """(header, rows): per arm mean [95% interval] of POPE's accuracy, F1 and yes ratio per
+    strategy (split)."""
     keys = [(f"pope_{s}_{m}", f"{s} {t}") for s in POPE_STRATEGIES for m, t in POPE_METRICS]
     header = ["arm"] + [title for _, title in keys]
-    rows = [[arm] + [mean_sd(s, key, 3) for key, _ in keys] for arm, s in results["arms"].items()]
+    rows = [[arm] + [mean_ci(s, key, 3) for key, _ in keys] for arm, s in results["arms"].items()]
     return header, rows
 
 
 def runs_table(results: dict) -> Table:
-    """(header, rows): every run of every arm with its main metrics."""
-    header = ["arm", "run"] + [title for _, title in MAIN_METRICS]
+    """(header, rows): every run of every arm with its main metrics (and the answer-quality
+    ones its results carry)."""
+    runs = [run for s in results["arms"].values() for run in s.get("per_seed", [])]
+    quality = [(k, t) for k, t in QUALITY_METRICS if any(k in run for run in runs)]
+    metrics = [*MAIN_METRICS, *quality]
+    header = ["arm", "run"] + [title for _, title in metrics]
     rows = []
     for arm, summary in results["arms"].items():
         for run in summary.get("per_seed", []):
-            values = [f"{run[k]:.4f}" if k in run else "—" for k, _ in MAIN_METRICS]
+            values = [f"{run[k]:.4f}" if k in run else "—" for k, _ in metrics]
             rows.append([arm, run_label(run), *values])
     return header, rows
 
@@ -127,20 +163,25 @@ def negatives_table(results: dict) -> Table:
 
 
 def claim_text(results: dict) -> tuple[str, str]:
-    """(css class, text): BPO against SFT on CHAIR_i (mean ± sd), then the claim's verdict."""
+    """(css class, text): BPO against SFT on CHAIR_i (mean [95% interval]), then the claim's
+    verdict."""
     arms = results["arms"]
     parts = []
     if "bpo" in arms and "sft" in arms:
         verb = "beat" if arms["bpo"]["chair_i"] < arms["sft"]["chair_i"] else "did not beat"
         runs = len(arms["bpo"].get("per_seed", [])) or 1
+        spread = "[95% interval]" if interval_of(arms["bpo"], "chair_i") else "± sd"
         parts.append(
-            f"As measured, BPO {verb} SFT on CHAIR_i: {mean_sd(arms['bpo'], 'chair_i')} against "
-            f"{mean_sd(arms['sft'], 'chair_i')} (mean ± sd over {runs} run(s); lower is better)."
+            f"As measured, BPO {verb} SFT on CHAIR_i: {mean_ci(arms['bpo'], 'chair_i')} against "
+            f"{mean_ci(arms['sft'], 'chair_i')} (mean {spread} over {runs} run(s); lower is "
+            "better)."
         )
         if "base" in arms:
-            parts.append(f"The base model: {mean_sd(arms['base'], 'chair_i')}.")
+            parts.append(f"The base model: {mean_ci(arms['base'], 'chair_i')}.")
     claim = results.get("claim") or {"holds": None, "reason": "no claim in results.json"}
     parts.append(claim_sentence(claim))
+    if results.get("ablation"):
+        parts.append("Ablation: " + ablation_sentence(results["ablation"]))
     css = {True: "holds", False: "fails", None: "unknown"}[claim.get("holds")]
     return css, " ".join(parts)
 

@@ -2,10 +2,12 @@
 
 The data is a `bpo shapeworld` export (scenes.jsonl + images/). `shapeworld_chair` asks for a
 description of every scene and scores the shapes it mentions against the scene's; the prior-partner
-share says how much of the hallucination the text prior explains. `shapeworld_pope` builds POPE
-questions over the world's shapes. POPE's popular and adversarial negatives are ranked by how often
-shapes occur and co-occur: over the benchmark's own scenes by default, or over another export's
-(`rank_scenes`), so that a run can rank by a text corpus's statistics as POPE ranks by COCO's.
+share says how much of the hallucination the text prior explains, and the answer-quality scores
+(well-formed captions, repeated mentions, length against the gold caption) show a CHAIR bought
+with broken answers. `shapeworld_pope` builds POPE questions over the world's shapes. POPE's
+popular and adversarial negatives are ranked by how often shapes occur and co-occur: over the
+benchmark's own scenes by default, or over another export's (`rank_scenes`), so that a run can
+rank by a text corpus's statistics as POPE ranks by COCO's.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from bpo.evaluate.chair import chair_scores
 from bpo.evaluate.datasets import EvalItem, image_path, json_records
 from bpo.evaluate.scores import Scored, chair_records
 from bpo.shapeworld.export import read_scenes
-from bpo.shapeworld.metrics import partner_scores
+from bpo.shapeworld.metrics import answer_quality, answer_quality_scores, partner_scores
 from bpo.shapeworld.world import CAPTION_PROMPTS, SHAPES, Scene, mentioned_shapes
 
 
@@ -98,15 +100,25 @@ def read_shapeworld_pope(
 
 
 def hallucination_metrics(answers: Sequence[str], scenes: Sequence[Scene]) -> dict[str, float]:
-    """CHAIR and partner metrics of free-text answers against their scenes."""
+    """CHAIR, partner and answer-quality metrics of free-text answers against their scenes."""
     mentions = [mentioned_shapes(a) for a in answers]
     truth = [scene.shapes for scene in scenes]
-    return {**chair_scores(mentions, truth), **partner_scores(mentions, truth)}
+    return {
+        **chair_scores(mentions, truth),
+        **partner_scores(mentions, truth),
+        **answer_quality_scores(answers, scenes),
+    }
 
 
 def score_shapeworld_chair(items: Sequence[EvalItem], answers: dict[str, str]) -> Scored:
-    """CHAIR (and the prior-partner share) against the scenes' exact shapes."""
-    mentions = [mentioned_shapes(answers[item.question_id]) for item in items]
-    truth = [item.fields["scene"].shapes for item in items]
+    """CHAIR, the prior-partner share and answer quality against the scenes' exact shapes; each
+    record also carries its answer's `answer_quality` fields."""
+    texts = [answers[item.question_id] for item in items]
+    scenes = [item.fields["scene"] for item in items]
+    mentions = [mentioned_shapes(text) for text in texts]
+    truth = [scene.shapes for scene in scenes]
     metrics, records = chair_records(items, answers, mentions, truth)
-    return {**metrics, **partner_scores(mentions, truth)}, records
+    for record, text, scene in zip(records, texts, scenes, strict=True):
+        record.update(answer_quality(text, scene))
+    quality = answer_quality_scores(texts, scenes)
+    return {**metrics, **partner_scores(mentions, truth), **quality}, records

@@ -4,7 +4,8 @@ Layout of `out_dir`:
 
 - `images/sw_000000.png`, ...: each scene rendered by `world.render` (PNG, so lossless);
 - `data.json`: LLaVA records, `<image>` + a caption prompt answered by the gold caption, then the
-  scene's questions as further turns; `bpo.data.read_llava(data.json, image_root=out_dir)` reads it;
+  scene's questions as further turns (or, for a chosen share of records, one existence question);
+  `bpo.data.read_llava(data.json, image_root=out_dir)` reads it;
 - `scenes.jsonl`: one line per record, in the same order, with the scene's objects, grid and seed;
   `read_scenes` loads them back as equal `Scene`s (`write_scenes` writes one for scenes alone).
 """
@@ -27,6 +28,7 @@ from bpo.shapeworld.world import (
     ShapeObject,
     WorldConfig,
     caption,
+    existence_qa,
     questions,
     render,
 )
@@ -53,8 +55,20 @@ def scene_from_json(data: dict[str, Any]) -> Scene:
 
 
 def _conversation(
-    scene: Scene, rng: np.random.Generator, cfg: WorldConfig, prompt: str, with_questions: bool
+    scene: Scene,
+    rng: np.random.Generator,
+    cfg: WorldConfig,
+    prompt: str,
+    with_questions: bool,
+    existence_share: float,
 ) -> list[dict[str, str]]:
+    # No draw when the share is 0, so exports without existence records stay as they were.
+    if existence_share and rng.random() < existence_share:
+        question, answer = existence_qa(scene, rng, cfg)
+        return [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "value": answer},
+        ]
     turns = [
         {"from": "human", "value": f"<image>\n{prompt}"},
         {"from": "gpt", "value": caption(scene)},
@@ -72,6 +86,7 @@ def write_llava_dataset(
     seed: int = 0,
     with_questions: bool = True,
     prompt: str = CAPTION_PROMPTS[0],
+    existence_share: float = 0.0,
 ) -> Path:
     """Render `scenes` and write images, data.json and scenes.jsonl under `out_dir`; returns data.json.
 
@@ -80,6 +95,9 @@ def write_llava_dataset(
         seed: seeds the question choice; record k's questions use `default_rng((seed, k))`, so
             the output is the same for the same scenes and seed, whatever came before.
         prompt: the user turn before the caption (after `<image>\\n`).
+        existence_share: the share of records that are one existence question instead ("Is
+            there a ring in the image?" about a present or an absent shape, equal odds), drawn
+            per record from the same keyed generator.
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -94,7 +112,7 @@ def write_llava_dataset(
         image = f"images/{sample_id}.png"
         Image.fromarray(render(scene, cfg)).save(out / image, format="PNG")
         rng = np.random.default_rng((seed, index))
-        turns = _conversation(scene, rng, cfg, prompt, with_questions)
+        turns = _conversation(scene, rng, cfg, prompt, with_questions, existence_share)
         records.append({"id": sample_id, "image": image, "conversations": turns})
         truth.append({"id": sample_id, "image": image, **scene_to_json(scene)})
     # Each file written whole, then renamed: a crash never leaves a truncated one behind.

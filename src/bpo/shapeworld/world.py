@@ -269,6 +269,38 @@ def caption(scene: Scene) -> str:
     return ", ".join(phrases[:-1]) + " and " + phrases[-1] + "."
 
 
+def existence_question(scene: Scene, shape: str) -> tuple[str, str]:
+    """POPE's question about `shape` and the scene's true answer: ("Is there a ring in the
+    image?", "ring yes." or "ring no.").
+
+    The answer names the shape before deciding, so the decision is made where the shape was
+    just read: a 2-layer LM then learns to look it up in its context in a few hundred steps,
+    while a bare "Yes."/"No." needs a two-hop attention circuit that took it over 1,000 (POPE's
+    parser reads either: "no" in the first sentence is no).
+    """
+    return f"Is there a {shape} in the image?", f"{shape} {existence_answer(shape in scene.shapes)}"
+
+
+def existence_answer(present: bool) -> str:
+    """The yes/no word ending an existence answer, with its period."""
+    return "yes." if present else "no."
+
+
+def is_existence_answer(text: str, shapes: tuple[str, ...] = SHAPES) -> bool:
+    """Whether `text` is an existence answer in the world's form ("ring yes.", "ring no.")."""
+    words = text.split()
+    return len(words) == 2 and words[0] in shapes and words[1] in ("yes.", "no.")
+
+
+def existence_qa(scene: Scene, rng: np.random.Generator, cfg: WorldConfig) -> tuple[str, str]:
+    """One existence question, about a present or an absent shape with equal odds (the shape
+    uniform among those), as POPE balances its labels."""
+    present = sorted(scene.shapes, key=cfg.shapes.index)
+    absent = [s for s in cfg.shapes if s not in scene.shapes]
+    pool = present if present and (not absent or rng.random() < 0.5) else absent
+    return existence_question(scene, pool[int(rng.integers(len(pool)))])
+
+
 def questions(scene: Scene, rng: np.random.Generator, cfg: WorldConfig) -> list[tuple[str, str]]:
     """Short question/answer pairs about the scene: existence (POPE-style), colour, count."""
     present = sorted(scene.shapes, key=cfg.shapes.index)
@@ -276,12 +308,11 @@ def questions(scene: Scene, rng: np.random.Generator, cfg: WorldConfig) -> list[
     qa = []
     shown = present[int(rng.integers(len(present)))] if present else None
     if shown:
-        qa.append((f"Is there a {shown} in the image?", "Yes."))
+        qa.append(existence_question(scene, shown))
         colour = next(o.colour for o in scene.objects if o.shape == shown)
         qa.append((f"What color is the {shown}?", f"The {shown} is {colour}."))
     if absent:
-        missing = absent[int(rng.integers(len(absent)))]
-        qa.append((f"Is there a {missing} in the image?", "No."))
+        qa.append(existence_question(scene, absent[int(rng.integers(len(absent)))]))
     count = len(scene.objects)
     answer = "There is one shape." if count == 1 else f"There are {NUMBER_WORDS[count]} shapes."
     qa.append(("How many shapes are in the image?", answer))

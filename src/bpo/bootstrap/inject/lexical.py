@@ -1,8 +1,8 @@
 """The lexical injector: deterministic, offline, vocabulary-driven errors in a gold answer.
 
-It swaps, inserts or deletes an object, or changes a colour, a count or a position, and is
-co-occurrence-aware: an inserted object follows the prior (the objects that come with those
-present). ShapeWorld captions are parsed and rewritten in the world's own format. The same
+It swaps, inserts or deletes an object, changes a colour, a count or a position, or flips a
+yes/no answer, and is co-occurrence-aware: an inserted object follows the prior (the objects that
+come with those present). ShapeWorld captions are parsed and rewritten in the world's own format. The same
 (gold, seed) always gives the same rewrite.
 """
 
@@ -272,6 +272,26 @@ class _Editor:
             "change_count", counts, lambda w: self.rng.choice([c for c in counts if c != w])
         )
 
+    def flip_answer(self):
+        """A yes/no answer turned into its opposite: its first word ("Yes." -> "No.") or its last
+        ("ring yes." -> "ring no."), the word's case kept."""
+        if not self.tokens:
+            return None
+        for start, end, word in (self.tokens[0], self.tokens[-1]):
+            at_edge = start == len(self.text) - len(self.text.lstrip()) or re.fullmatch(
+                r"[.!?]?", self.text[end:].strip()
+            )
+            if word in ("yes", "no") and at_edge:
+                new = "no" if word == "yes" else "yes"
+                original = self.text[start:end]
+                if original.isupper() and len(original) > 1:
+                    new = new.upper()
+                elif original[:1].isupper():
+                    new = new.capitalize()
+                text = self.text[:start] + new + self.text[end:]
+                return text, {"type": "flip_answer", "from": word, "to": new.lower()}
+        return None
+
     def change_position(self):
         positions = self.vocabulary.positions
         return self._word_edit("change_position", tuple(positions), positions.get)
@@ -347,8 +367,12 @@ def inject_errors(
     for _ in range(num_edits):
         editor = _Editor(text, vocabulary, rng)
         items = _shapeworld_items(text, vocabulary) if vocabulary.shapeworld_captions else None
-        order = list(edit_types)
+        # A yes/no answer's error is first of all the flipped answer; every other text draws
+        # its edit order as it did before the flip existed.
+        order = [kind for kind in edit_types if kind != "flip_answer"]
         rng.shuffle(order)
+        if "flip_answer" in edit_types:
+            order.insert(0, "flip_answer")
         for kind in order:
             if items is not None:
                 done = _shapeworld_edit(items, kind, editor)
