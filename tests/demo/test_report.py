@@ -146,6 +146,7 @@ def make_run(out, scenes=SCENES):
         "claim": claim(arms),
         "checks": {},
         "negatives": NEGATIVES,
+        "existence_negatives": {"weaken_t900": {"negatives": 4, "wrong_answer": 0.75}},
         "config": {"seed": 0, "world": asdict(WorldConfig())},
         "versions": {"bpo": "test"},
         "wall_s": 1.0,
@@ -216,6 +217,8 @@ def test_markdown_tables_equal_the_results(report):
     assert "| sft | seed 0 | 0.2500 |" in md and "| sft | seed 1 | 0.1667 |" in md
     assert "| weaken | 900 | 3 | 0.667 | 0.500 | 0.750 | 0.200 |" in md
     assert "| inject | — | 2 | 1.000 | 0.400 | 1.000 | 0.250 |" in md
+    assert "| source | noise step | negatives | wrong answer |" in md
+    assert "| weaken | 900 | 4 | 0.750 |" in md
     assert "BPO beat SFT on CHAIR_i: 0.0000 \\[0.0000, 0.0000\\] against 0.2083 \\[" in md
     assert "The claim holds" in md
     assert "[pairs.html](pairs.html)" in md

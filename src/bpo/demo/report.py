@@ -25,6 +25,7 @@ from bpo.demo.summary import (
     Example,
     arm_of_log,
     claim_text,
+    existence_table,
     interval_note,
     mark_hallucinations,
     negative_sources,
@@ -248,6 +249,9 @@ def _html_page(
         "<h2>Negatives</h2><p class='meta'>How many bootstrapped negatives really name a shape "
         "absent from their scene, per source and noise step.</p>",
         _html_table(*negatives_table(results), "negatives"),
+        "<p class='meta'>Existence questions: how many negatives answer the opposite of the "
+        "gold answer.</p>",
+        _html_table(*existence_table(results), "existence"),
         "<h2>Held-out scenes, side by side</h2>",
         f"<p class='meta'>{html.escape(note)} "
         "<mark class='hal'>marked</mark>: a shape not in the image; "
@@ -291,6 +295,10 @@ def _markdown(
         "## Negatives",
         "",
         _md_table(*negatives_table(results)),
+        "",
+        "Existence questions: how many negatives answer the opposite of the gold answer.",
+        "",
+        _md_table(*existence_table(results)),
         "",
         "## Held-out scenes (hallucinated shapes in **~~bold strike~~**)",
         "",

@@ -206,6 +206,9 @@ def run_full(cfg: DemoConfig, out: Path, log=print) -> dict:
         "ablation": ablation(arms),
         "checks": {f"base_world{w}": r["checks"]["base"] for w, r in worlds.items()},
         "negatives": {f"world{w}": r["negatives"] for w, r in worlds.items()},
+        "existence_negatives": {
+            f"world{w}": r.get("existence_negatives", {}) for w, r in worlds.items()
+        },
         "config": asdict(cfg),
         "versions": versions(),
         "wall_s": round(time.time() - started, 1),

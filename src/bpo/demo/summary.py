@@ -162,6 +162,22 @@ def negatives_table(results: dict) -> Table:
     return header, rows
 
 
+def existence_table(results: dict) -> Table:
+    """The existence-question negatives per source and noise step: how many, and the share that
+    gives the opposite answer to the gold's (a full run: per world)."""
+    found = results.get("existence_negatives", {})
+    nested = bool(found) and all(k.startswith("world") for k in found)
+    worlds = found.items() if nested else [("", found)]
+    header = (["world"] if nested else []) + ["source", "noise step", "negatives", "wrong answer"]
+    rows = []
+    for world, by_source in worlds:
+        for key, stats in by_source.items():
+            source, _, step = key.partition("_t")
+            cells = ([world] if nested else []) + [source, step or "—", str(stats["negatives"])]
+            rows.append([*cells, f"{stats['wrong_answer']:.3f}"])
+    return header, rows
+
+
 def claim_text(results: dict) -> tuple[str, str]:
     """(css class, text): BPO against SFT on CHAIR_i (mean [95% interval]), then the claim's
     verdict."""
