@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 
 from bpo.data.files import read_json_lines
+from bpo.evaluate.chair import response_counts
+from bpo.shapeworld.metrics import partner_counts
 from bpo.shapeworld.world import PARTNERS, SHAPES
 
 REPLICATES = 1000
@@ -111,20 +113,9 @@ class SceneStats:
 
 def chair_row(mentions: Sequence[str], truth: set[str]) -> list[float]:
     """CHAIR_COLUMNS of one answer, as `chair_scores` and `partner_scores` count it."""
-    wrong = [m for m in mentions if m not in truth]
-    absent = [s for s in SHAPES if s not in truth]
-    expected = {PARTNERS[s] for s in truth if s in PARTNERS} - truth
-    chance = len(expected) / len(absent) if absent else 0.0
-    return [
-        1,
-        len(mentions),
-        len(wrong),
-        bool(wrong),
-        len(set(mentions) & truth),
-        len(truth),
-        sum(m in expected for m in wrong),
-        chance * len(wrong),
-    ]
+    said, wrong, recalled, truth_size = response_counts(mentions, truth)
+    _, hits, chance = partner_counts(mentions, truth, PARTNERS, SHAPES)
+    return [1, said, wrong, wrong > 0, recalled, truth_size, hits, chance]
 
 
 def _chair_stats(path: Path) -> tuple[list[str], list[str], list[list[float]]]:

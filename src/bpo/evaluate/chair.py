@@ -15,6 +15,13 @@ from pathlib import Path
 from bpo.data.vocab import ObjectVocabulary, coco_vocabulary, extract_objects
 
 
+def response_counts(said: Sequence[str], truth: set[str]) -> tuple[int, int, int, int]:
+    """One response's (mentions, hallucinated mentions, unique correct categories, ground-truth
+    size): the counts `chair_scores` sums over responses."""
+    wrong = sum(m not in truth for m in said)
+    return len(said), wrong, len(set(said) & truth), len(truth)
+
+
 def chair_scores(mentions: Sequence[Sequence[str]], ground_truth: Sequence[set[str]]) -> dict:
     """CHAIR_s, CHAIR_i, recall and the response-level rate over responses that mention objects.
 
@@ -29,13 +36,13 @@ def chair_scores(mentions: Sequence[Sequence[str]], ground_truth: Sequence[set[s
     n_mentions = n_hallucinated = n_bad_responses = n_mentioning = 0
     n_recalled = n_truth = 0
     for said, truth in zip(mentions, ground_truth, strict=True):
-        wrong = [m for m in said if m not in truth]
-        n_mentions += len(said)
-        n_hallucinated += len(wrong)
-        n_bad_responses += bool(wrong)
-        n_mentioning += bool(said)
-        n_recalled += len(set(said) & truth)
-        n_truth += len(truth)
+        said_count, wrong, recalled, truth_size = response_counts(said, truth)
+        n_mentions += said_count
+        n_hallucinated += wrong
+        n_bad_responses += wrong > 0
+        n_mentioning += said_count > 0
+        n_recalled += recalled
+        n_truth += truth_size
     return {
         "chair_s": n_bad_responses / len(mentions) if mentions else 0.0,
         "chair_i": n_hallucinated / n_mentions if n_mentions else 0.0,

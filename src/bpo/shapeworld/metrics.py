@@ -17,6 +17,21 @@ from typing import Any
 from bpo.shapeworld.world import COLOURS, PARTNERS, SHAPES, Scene, caption, mentioned_shapes
 
 
+def partner_counts(
+    said: Sequence[str],
+    truth: set[str],
+    partners: dict[str, str] = PARTNERS,
+    shapes: Sequence[str] = SHAPES,
+) -> tuple[int, int, float]:
+    """One answer's (hallucinated mentions, partner hits among them, their summed chance of a
+    hit): the counts `partner_scores` sums over answers."""
+    absent = [s for s in shapes if s not in truth]
+    expected = {partners[s] for s in truth if s in partners} - set(truth)
+    wrong = [shape for shape in said if shape not in truth]
+    chance = len(expected) / len(absent) if absent else 0.0
+    return len(wrong), sum(shape in expected for shape in wrong), chance * len(wrong)
+
+
 def partner_scores(
     mentions: Sequence[Sequence[str]],
     ground_truth: Sequence[set[str]],
@@ -33,14 +48,10 @@ def partner_scores(
     hits = chance = 0.0
     count = 0
     for said, truth in zip(mentions, ground_truth, strict=True):
-        absent = [s for s in shapes if s not in truth]
-        expected = {partners[s] for s in truth if s in partners} - set(truth)
-        for shape in said:
-            if shape in truth:
-                continue
-            count += 1
-            hits += shape in expected
-            chance += len(expected) / len(absent)
+        wrong, partner_hits, partner_chance = partner_counts(said, truth, partners, shapes)
+        count += wrong
+        hits += partner_hits
+        chance += partner_chance
     return {
         "partner_share": hits / count if count else 0.0,
         "partner_chance": chance / count if count else 0.0,
