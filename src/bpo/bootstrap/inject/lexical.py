@@ -18,6 +18,7 @@ from lemminflect import getInflection
 from bpo.bootstrap.config import EDIT_TYPES
 from bpo.bootstrap.inject.validate import Injection, InjectionStats, checked
 from bpo.data.vocab import ObjectVocabulary, coco_vocabulary
+from bpo.shapeworld.metrics import is_well_formed
 
 COLOUR_WORDS = (
     "red",
@@ -298,12 +299,12 @@ class _Editor:
 
 
 def _shapeworld_items(text: str, vocabulary: InjectionVocabulary) -> list[list[str]] | None:
-    """[[colour, shape], ...] of a ShapeWorld caption, or None when the text is not one."""
-    colours, shapes = "|".join(vocabulary.colours), "|".join(vocabulary.categories)
-    item = rf"a ({colours}) ({shapes})"
-    if not re.fullmatch(rf"{item}(?:, {item})*(?: and {item})?\.", text.strip()):
+    """[[colour, shape], ...] of a ShapeWorld caption (the world's grammar, `is_well_formed`),
+    or None when the text is not one or names no object."""
+    if not is_well_formed(text, vocabulary.categories, vocabulary.colours):
         return None
-    return [list(m) for m in re.findall(item, text)]
+    colours, shapes = "|".join(vocabulary.colours), "|".join(vocabulary.categories)
+    return [list(m) for m in re.findall(rf"a ({colours}) ({shapes})", text)] or None
 
 
 def _shapeworld_caption(items: list[list[str]], vocabulary: InjectionVocabulary) -> str:
