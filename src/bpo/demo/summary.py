@@ -128,21 +128,24 @@ def runs_table(results: dict) -> Table:
     return header, rows
 
 
-def negative_sources(results: dict) -> list[tuple[str, str, str, dict]]:
-    """(world, source, noise step, stats) of every negatives entry of results.json.
-
-    A one-world run keys its stats by source ('weaken_t900', 'inject'); a full run nests them
-    under 'world{seed}'.
-    """
-    negatives = results.get("negatives", {})
-    nested = bool(negatives) and all(k.startswith("world") for k in negatives)
-    worlds = negatives.items() if nested else [("", negatives)]
+def _by_world(results: dict, key: str) -> list[tuple[str, str, str, dict]]:
+    """(world, source, noise step, stats) of every entry of results.json's `key`: a one-world
+    run keys its stats by source ('weaken_t900', 'inject'); a full run nests them under
+    'world{seed}'."""
+    found = results.get(key, {})
+    nested = bool(found) and all(k.startswith("world") for k in found)
+    worlds = found.items() if nested else [("", found)]
     entries = []
     for world, by_source in worlds:
-        for key, stats in by_source.items():
-            source, _, step = key.partition("_t")
+        for name, stats in by_source.items():
+            source, _, step = name.partition("_t")
             entries.append((world, source, step or "—", stats))
     return entries
+
+
+def negative_sources(results: dict) -> list[tuple[str, str, str, dict]]:
+    """(world, source, noise step, stats) of every caption-negatives entry of results.json."""
+    return _by_world(results, "negatives")
 
 
 def negatives_table(results: dict) -> Table:
@@ -165,16 +168,19 @@ def negatives_table(results: dict) -> Table:
 def existence_table(results: dict) -> Table:
     """The existence-question negatives per source and noise step: how many, and the share that
     gives the opposite answer to the gold's (a full run: per world)."""
-    found = results.get("existence_negatives", {})
-    nested = bool(found) and all(k.startswith("world") for k in found)
-    worlds = found.items() if nested else [("", found)]
-    header = (["world"] if nested else []) + ["source", "noise step", "negatives", "wrong answer"]
-    rows = []
-    for world, by_source in worlds:
-        for key, stats in by_source.items():
-            source, _, step = key.partition("_t")
-            cells = ([world] if nested else []) + [source, step or "—", str(stats["negatives"])]
-            rows.append([*cells, f"{stats['wrong_answer']:.3f}"])
+    entries = _by_world(results, "existence_negatives")
+    with_world = any(world for world, *_ in entries)
+    header = (["world"] if with_world else []) + [
+        "source",
+        "noise step",
+        "negatives",
+        "wrong answer",
+    ]
+    rows = [
+        ([world] if with_world else [])
+        + [source, step, str(stats["negatives"]), f"{stats['wrong_answer']:.3f}"]
+        for world, source, step, stats in entries
+    ]
     return header, rows
 
 

@@ -289,7 +289,11 @@ def existence_answer(present: bool) -> str:
 def is_existence_answer(text: str, shapes: tuple[str, ...] = SHAPES) -> bool:
     """Whether `text` is an existence answer in the world's form ("ring yes.", "ring no.")."""
     words = text.split()
-    return len(words) == 2 and words[0] in shapes and words[1] in ("yes.", "no.")
+    return (
+        len(words) == 2
+        and words[0] in shapes
+        and words[1] in (existence_answer(True), existence_answer(False))
+    )
 
 
 def existence_qa(scene: Scene, rng: np.random.Generator, cfg: WorldConfig) -> tuple[str, str]:
