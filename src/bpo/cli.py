@@ -6,7 +6,8 @@ schema from YAML. `bpo VERB --print_config` prints a complete YAML to start from
 
 A recipe (configs/llava-1.5-7b-bpo.yaml) holds the configs of the stages side by side, under
 `bootstrap:`, `train:` and `eval:`; `bpo bootstrap|refs|train|eval --recipe FILE` reads the verb's
-section as its `--config`, and flags after it override it.
+section as its `--config`, and flags after it override it. `bpo iterate --recipe FILE` reads all
+three and the `rounds:` section of a rounds recipe (configs/llava-1.5-7b-bpo-rounds.yaml).
 
 Errors: the console script (`run`) prints a mistake in the input (a bad setting, a missing file,
 a store made with another config; `is_user_error` says which errors count) as one line,
@@ -30,6 +31,7 @@ from jsonargparse import auto_cli
 from bpo.bootstrap.config import BootstrapConfig
 from bpo.demo.config import DemoConfig
 from bpo.evaluate.config import EvalConfig
+from bpo.rounds.config import IterateConfig, recipe_config
 from bpo.shapeworld.world import WorldConfig
 from bpo.train.config import TrainConfig
 
@@ -51,7 +53,7 @@ def demo(
         full: also the world seeds of run.full_world_seeds (a world and base model each), every
             seed for the ablation arms, and a noise-step sweep (run.full_noise_steps); slow.
     """
-    from bpo.demo.claim import ablation_sentence, claim_sentence
+    from bpo.demo.claim import ablation_sentence, beyond_sentence, claim_sentence
     from bpo.demo.run import run_demo
     from bpo.utils.console import console, print_metrics_table, print_negatives_table
 
@@ -76,6 +78,8 @@ def demo(
     console.print(claim_sentence(results["claim"]))
     if results.get("ablation"):
         console.print("Ablation: " + ablation_sentence(results["ablation"]))
+    if results.get("beyond"):
+        console.print("Beyond the paper: " + beyond_sentence(results["beyond"]))
     console.print(f"wrote {Path(out) / 'results.json'} in {time.time() - started:.0f}s")
 
 
@@ -326,6 +330,30 @@ def refs(run: TrainConfig, recompute: bool = False) -> None:
     )
 
 
+def iterate(run: IterateConfig, out: Path | None = None) -> None:
+    """On-policy BPO rounds: each round bootstraps from the last policy, trains, evaluates.
+
+    Round k writes OUT/round-k/{pairs,train,eval,round.json}; OUT/rounds.json lists every
+    round's metrics and the best round by run.rounds.select_metric. Rerunning the same command
+    resumes (finished rounds are skipped; each stage resumes as its own verb does).
+    docs/rounds.md describes the layout and the LoRA merge between rounds.
+
+    Args:
+        run: the bootstrap, train and eval sections and the rounds' settings; usually
+            `--recipe configs/llava-1.5-7b-bpo-rounds.yaml`.
+        out: output folder (overrides run.out).
+    """
+    from bpo.rounds.run import run_rounds
+    from bpo.utils.console import console
+
+    if out is not None:
+        run = replace(run, out=str(out))
+    started = time.time()
+    summary = run_rounds(run, log=console.log)
+    print(json.dumps({"out": run.out, "best": summary["best"]}))
+    console.print(f"ran {run.rounds.rounds} rounds in {time.time() - started:.0f}s")
+
+
 def _compare_args(args: list[str]) -> list[str]:
     """`compare RUN RUN...` and `merge OUT SHARD...` as jsonargparse reads a list positional."""
     verb, rest = args[:1], args[1:]
@@ -348,7 +376,13 @@ def _compare_args(args: list[str]) -> list[str]:
 
 
 # The section of a recipe (configs/llava-1.5-*-bpo.yaml) each verb reads.
-RECIPE_SECTIONS = {"bootstrap": "bootstrap", "refs": "train", "train": "train", "eval": "eval"}
+RECIPE_SECTIONS = {
+    "bootstrap": "bootstrap",
+    "refs": "train",
+    "train": "train",
+    "eval": "eval",
+    "iterate": "rounds",  # with the bootstrap, train and eval sections (`_recipe_config`)
+}
 
 
 def _recipe_args(args: list[str]) -> list[str]:
@@ -370,8 +404,16 @@ def _recipe_args(args: list[str]) -> list[str]:
             out.append(arg)
             i += 1
             continue
-        out += ["--config", json.dumps(_recipe_section(Path(path), verb, section))]
+        out += ["--config", json.dumps(_recipe_config(Path(path), verb, section))]
     return out
+
+
+def _recipe_config(path: Path, verb: str, section: str) -> dict:
+    """The verb's section; for `iterate`, every stage's section and `rounds:` as one config."""
+    if verb != "iterate":
+        return _recipe_section(path, verb, section)
+    names = ("bootstrap", "train", "eval", section)
+    return recipe_config({name: _recipe_section(path, verb, name) for name in names})
 
 
 def _recipe_section(path: Path, verb: str, section: str) -> dict:
@@ -401,6 +443,7 @@ def _verbs() -> dict:
         "merge": merge,
         "refs": refs,
         "train": train,
+        "iterate": iterate,
         "export": export,
         "view": view,
     }

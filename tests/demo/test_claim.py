@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from bpo.demo.claim import ablation, ablation_sentence, check_base, claim, claim_sentence
+from bpo.demo.claim import (
+    ablation,
+    ablation_sentence,
+    beyond,
+    beyond_sentence,
+    check_base,
+    claim,
+    claim_sentence,
+)
 
 METHOD = "a two-level percentile bootstrap (test)"
 
@@ -203,3 +211,43 @@ def test_the_ablation_applies_the_claim_s_test_to_each_source():
         "(bpo_inject, CHAIR_i 0.0750 [0.0600, 0.0900]) did not beat SFT; both sources" in sentence
     )
     assert ablation({"bpo": arm(0.05, 0.79, [0.04, 0.06])}) == {}
+
+
+def test_beyond_compares_the_image_arm_and_each_round_with_bpo_and_sft():
+    """SFT 0.08, BPO 0.05 [0.04, 0.06]. bpo_image 0.045 [0.035, 0.055]: its top 0.055 is not
+    below BPO's 0.05 (no) but is below SFT's 0.08 (yes). Round 1 0.07 [0.06, 0.085]: below
+    neither (0.085 >= 0.08). Round 2 0.03 [0.02, 0.04]: below both. Rounds sort by number (r10
+    after r2), and an arm that is not a round (bpo_rounds_rx) is left out."""
+    found = beyond(
+        {
+            **arms(arm(0.05, 0.79, [0.04, 0.06])),
+            "bpo_image": arm(0.045, 0.78, [0.035, 0.055], well_formed=0.99),
+            "bpo_rounds_r10": arm(0.07, 0.8, [0.06, 0.085]),
+            "bpo_rounds_r2": arm(0.03, 0.77, [0.02, 0.04]),
+            "bpo_rounds_rx": arm(0.01, 0.77, [0.0, 0.02]),
+        }
+    )
+    assert list(found) == ["bpo_image", "bpo_rounds_r2", "bpo_rounds_r10"]
+    assert found["bpo_image"] == {
+        "chair_i": 0.045,
+        "interval": [0.035, 0.055],
+        "recall": 0.78,
+        "well_formed": 0.99,
+        "beats_bpo": False,
+        "beats_sft": True,
+    }
+    assert (found["bpo_rounds_r10"]["beats_bpo"], found["bpo_rounds_r10"]["beats_sft"]) == (
+        False,
+        False,
+    )
+    assert (found["bpo_rounds_r2"]["beats_bpo"], found["bpo_rounds_r2"]["beats_sft"]) == (
+        True,
+        True,
+    )
+    sentence = beyond_sentence(found)
+    assert (
+        "BPO in rounds, round 2 (bpo_rounds_r2, CHAIR_i 0.0300 [0.0200, 0.0400]) beat "
+        "single-round BPO and beat SFT." in sentence
+    )
+    assert "did not beat single-round BPO and beat SFT" in sentence
+    assert beyond({"bpo": arm(0.05, 0.8)}) == {}

@@ -323,11 +323,14 @@ def test_full_run_pools_worlds_and_sweeps_the_noise_step(tmp_path):
         full_run=True,
         full_world_seeds=(0, 1),
         full_noise_steps=(300, 900),
-        training=ArmsConfig(arms=("sft", "bpo", "bpo_inject"), seeds=(0, 1), steps=2, batch_size=4),
+        training=ArmsConfig(
+            arms=("sft", "bpo", "bpo_inject"), seeds=(0, 1), steps=2, batch_size=4, rounds=2
+        ),
     )
     results = run_demo(cfg, tmp_path, log=lambda _: None)
     assert results["world_seeds"] == [0, 1]
-    arms = ["base", "sft", "bpo", "bpo_inject", "bpo_weaken_t300", "bpo_weaken_t900"]
+    beyond = ["bpo_image", "bpo_rounds_r1", "bpo_rounds_r2"]  # added by --full
+    arms = ["base", "sft", "bpo", "bpo_inject", *beyond, "bpo_weaken_t300", "bpo_weaken_t900"]
     assert list(results["arms"]) == arms
     for world in (0, 1):
         per_world = json.loads((tmp_path / f"world{world}" / "results.json").read_text())
@@ -339,6 +342,11 @@ def test_full_run_pools_worlds_and_sweeps_the_noise_step(tmp_path):
             (world_folder / "configs" / "train-bpo_weaken_t300-s0.yaml").read_text()
         )
         assert (written["run"]["sources"], written["run"]["noise_steps"]) == (["weaken"], [300])
+    assert set(results["beyond"]) == set(beyond)
+    rounds = results["arms"]["bpo_rounds_r2"]["per_seed"]
+    assert [r["eval"] for r in rounds] == [
+        f"rounds/bpo_rounds-s{s}/round-2/eval" for s in (0, 1)
+    ] * 2
     runs = results["arms"]["bpo_weaken_t300"]["per_seed"]
     assert [(r["world"], r["seed"]) for r in runs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     mean = sum(r["chair_i"] for r in runs) / 4

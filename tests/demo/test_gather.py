@@ -51,12 +51,16 @@ def write_world(out) -> dict[str, dict]:
 def test_gather_arms_attaches_each_arm_s_intervals(tmp_path):
     metrics = write_world(tmp_path)
     trained = {
-        arm: [(seed, finished(metrics[f"{arm}-s{seed}"])) for seed in (0, 1)]
+        arm: [
+            (seed, finished(metrics[f"{arm}-s{seed}"]), tmp_path / "eval" / f"{arm}-s{seed}")
+            for seed in (0, 1)
+        ]
         for arm in ("sft", "bpo")
     }
-    arms = gather_arms(trained, lambda _: None, lambda _: None, tmp_path / "eval")
+    arms = gather_arms(trained, lambda _: None, lambda _: None, tmp_path)
     sft = arms["sft"]
     assert [run["seed"] for run in sft["per_seed"]] == [0, 1]
+    assert [run["eval"] for run in sft["per_seed"]] == ["eval/sft-s0", "eval/sft-s1"]
     assert sft["chair_i"] == pytest.approx(11 / 60)
     assert sft["intervals"]["mean"]["chair_i"] == pytest.approx(11 / 60)
     folders = [tmp_path / "eval" / f"sft-s{seed}" for seed in (0, 1)]
@@ -77,10 +81,13 @@ def test_pool_worlds_reads_every_world_s_folders(tmp_path):
         metrics = write_world(out)
         arms = {"base": summarize([metrics["base"]], [out / "eval" / "base"])}
         trained = {
-            arm: [(seed, finished(metrics[f"{arm}-s{seed}"])) for seed in (0, 1)]
+            arm: [
+                (seed, finished(metrics[f"{arm}-s{seed}"]), out / "eval" / f"{arm}-s{seed}")
+                for seed in (0, 1)
+            ]
             for arm in (("sft", "bpo") if w == 3 else ("sft",))
         }
-        arms.update(gather_arms(trained, lambda _: None, lambda _: None, out / "eval"))
+        arms.update(gather_arms(trained, lambda _: None, lambda _: None, out))
         worlds[w] = {"arms": arms}
     pooled = pool_worlds(worlds, tmp_path)
     sft = pooled["sft"]

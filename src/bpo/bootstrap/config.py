@@ -96,7 +96,7 @@ def weaken_steps(config: WeakenConfig) -> list[int]:
 
 def check_weaken(config: WeakenConfig) -> None:
     """Raise ValueError naming the `weaken.` setting that cannot run."""
-    from bpo.bootstrap.noise import NUM_STEPS, SCHEDULES  # torch: only once a config is checked
+    from bpo.models.noise import NUM_STEPS, SCHEDULES  # torch: only once a config is checked
 
     if config.schedule not in SCHEDULES:
         raise ValueError(

@@ -1,7 +1,7 @@
 """Image-weakened negatives: the model's own answer, sampled from the noised image alone.
 
 For each request the processor turns the clean image into its normalized pixel tensor, the
-diffusion forward process (`bpo.bootstrap.noise`) noises that tensor, and the model generates from
+diffusion forward process (`bpo.models.noise`) noises that tensor, and the model generates from
 the noised pixels only: no clean-image forward pass, no mixing of clean and noisy logits (the
 official code's VCD-style contrast), and the noised image sits in the prompt's KV cache for every
 generated token (the official code's cache bug let the noise act on the first token only).
@@ -29,14 +29,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from bpo.bootstrap.config import WeakenConfig, check_weaken, weaken_steps
-from bpo.bootstrap.noise import add_noise
 from bpo.generate import Decoding, GenerationRequest, Generator, stream_seed
 from bpo.generate.requests import as_request
 from bpo.models.family import encode_sample, join_vision, vision_keys
+from bpo.models.noise import noise_pixels as models_noise_pixels
 from bpo.models.prompts import build_prompt
 from bpo.models.vision import image_features
 
@@ -60,23 +59,13 @@ def noise_pixels(
 ) -> Tensor:
     """One request's normalized pixels noised at `step` as sample `sample_index` of the request.
 
-    pixel_values: the request's own pixels in its family's layout (`bpo.models.family`): (1, C,
-        H, W) for LLaVA; (tiles, C, H, W) for InternVL; (patches, C*T*P*P) for Qwen-VL; or
-        (1, crops, C, H, W) for processors that split an image into crops (Idefics3/SmolVLM,
-        LLaVA-NeXT), where all-zero padding crops, which the model drops, stay zero and the
-        noise is drawn for the real ones only. The noise is elementwise, so any layout of the
-        normalized pixels is noised as the image itself would be.
-    The noise is drawn on the CPU from the keyed generator, so it is the same on every device.
+    `bpo.models.noise.noise_pixels` keyed by (config.seed, request_index, sample_index, "noise"):
+    any family's pixel layout, the noise drawn on the CPU. Training's image-contrast term noises a
+    weakened pair's image with the same key, read from the pair's meta.
     """
-    generator = torch.Generator().manual_seed(
-        stream_seed(config.seed, request_index, sample_index, "noise")
+    return models_noise_pixels(
+        pixel_values, step, config.schedule, config.seed, request_index, sample_index
     )
-    if pixel_values.dim() == 5:
-        real = pixel_values.flatten(2).ne(0).any(-1)  # (1, images)
-        noised = pixel_values.clone()
-        noised[real] = add_noise(pixel_values[real], step, config.schedule, generator=generator)
-        return noised
-    return add_noise(pixel_values, step, config.schedule, generator=generator)
 
 
 def image_requests(

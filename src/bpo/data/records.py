@@ -171,6 +171,8 @@ class PreferencePair:
             Keep each key's type the same across pairs so `datasets` can load the shards.
         ref_chosen_logp, ref_rejected_logp: summed reference-model log-probs, filled by `refs`.
         chosen_tokens, rejected_tokens: the answers' token counts under the scoring tokenizer.
+        ref_noised_chosen_logp: the reference's summed log-prob of the chosen answer on the noised
+            image (training's image-contrast term); written only when set.
     """
 
     id: str
@@ -184,6 +186,7 @@ class PreferencePair:
     ref_rejected_logp: float | None = None
     chosen_tokens: int | None = None
     rejected_tokens: int | None = None
+    ref_noised_chosen_logp: float | None = None
 
     def __post_init__(self) -> None:
         _check_type("id", self.id, (str,), "a string")
@@ -202,6 +205,9 @@ class PreferencePair:
         _check_type("meta.sample_index", sample_index, (int,), "an integer")
         self.ref_chosen_logp = _check_logp("ref_chosen_logp", self.ref_chosen_logp)
         self.ref_rejected_logp = _check_logp("ref_rejected_logp", self.ref_rejected_logp)
+        self.ref_noised_chosen_logp = _check_logp(
+            "ref_noised_chosen_logp", self.ref_noised_chosen_logp
+        )
         for name in ("chosen_tokens", "rejected_tokens"):
             value = getattr(self, name)
             if value is not None:
@@ -213,8 +219,12 @@ class PreferencePair:
         return pair_key(self.id, self.source, self.meta.get("sample_index", 0))
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict with every field, in declaration order."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """A JSON-ready dict with every field, in declaration order; `ref_noised_chosen_logp`
+        only when set, so pairs without it are written as before it existed."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if data["ref_noised_chosen_logp"] is None:
+            del data["ref_noised_chosen_logp"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PreferencePair:

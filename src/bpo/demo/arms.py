@@ -6,7 +6,9 @@ learning rate; only the objective and the negatives differ:
 - `sft`: the NLL of the chosen answers (the paper's baseline);
 - `bpo`: DPO on both negative sources (image-weakened and error-injected);
 - `bpo_weaken`, `bpo_inject`: DPO on one source (the ablations);
-- the sweep: DPO on the weakened negatives of one noise step only (`sweep_steps`).
+- the sweep: DPO on the weakened negatives of one noise step only (`sweep_steps`);
+- beyond the paper: `bpo_image`, BPO plus the image-contrast term (`image_weight`), and
+  `bpo_rounds`, BPO in on-policy rounds (`bpo.demo.rounds`).
 Each arm is a `bpo train` config (`TrainConfig`) per seed: the seed moves the data order and any
 adapter's initialisation, not the data.
 """
@@ -34,6 +36,8 @@ class Arm:
     sources: tuple[str, ...] | None = None
     noise_steps: tuple[int, ...] | None = None
     main: bool = False  # an arm of the claim: trained on every seed
+    image: bool = False  # adds the image-contrast term (ArmsConfig.image_weight)
+    rounds: bool = False  # trains in on-policy rounds (ArmsConfig.rounds), one row per round
 
 
 ARMS = {
@@ -41,7 +45,10 @@ ARMS = {
     "bpo": Arm("bpo", "dpo", main=True),
     "bpo_weaken": Arm("bpo_weaken", "dpo", sources=("weaken",)),
     "bpo_inject": Arm("bpo_inject", "dpo", sources=("inject",)),
+    "bpo_image": Arm("bpo_image", "dpo", image=True),
+    "bpo_rounds": Arm("bpo_rounds", "dpo", rounds=True),
 }
+BEYOND_ARMS = ("bpo_image", "bpo_rounds")  # not the paper's; `--full true` adds them
 
 
 def sweep_arm(step: int) -> Arm:
@@ -67,6 +74,11 @@ def check_arms(config: ArmsConfig, noise_steps: tuple[int, ...]) -> None:
         raise ValueError(
             f"training.sweep_steps {missing} are not among negatives.noise_steps "
             f"{list(noise_steps)}; add them there"
+        )
+    if any(ARMS[name].rounds for name in config.arms) and not 1 <= config.rounds <= config.steps:
+        raise ValueError(
+            f"training.rounds is {config.rounds} with training.steps {config.steps}; the rounds "
+            "split the steps, so give 1 <= rounds <= steps"
         )
     if not config.seeds or not config.ablation_seeds:
         raise ValueError("training.seeds and training.ablation_seeds need at least one seed each")
@@ -94,6 +106,7 @@ def arm_train_config(
             beta=config.beta,
             rpo_alpha=config.rpo_alpha,
             average_log_prob=config.average_log_prob,
+            image_weight=config.image_weight if arm.image else 0.0,
         ),
         lr=config.lr,
         warmup_ratio=config.warmup_ratio,

@@ -144,3 +144,52 @@ def ablation_sentence(found: dict) -> str:
             f"{alone[entry['beats_sft']]}; {both.get(entry['bpo_beats_it'], 'not compared')}."
         )
     return " ".join(parts)
+
+
+BEYOND = {"bpo_image": "BPO with the image-contrast term", "bpo_rounds": "BPO in rounds"}
+
+
+def _beyond_rows(arms: dict[str, dict]) -> list[tuple[str, str]]:
+    """(row, its description) of every beyond-the-paper row present: `bpo_image` and each
+    round of `bpo_rounds` (`bpo_rounds_r1`, ...)."""
+    rows = [("bpo_image", BEYOND["bpo_image"])] if "bpo_image" in arms else []
+    rounds = sorted(
+        (int(name.rsplit("_r", 1)[1]), name)
+        for name in arms
+        if name.startswith("bpo_rounds_r") and name.rsplit("_r", 1)[1].isdigit()
+    )
+    rows += [(name, f"{BEYOND['bpo_rounds']}, round {k}") for k, name in rounds]
+    return rows
+
+
+def beyond(arms: dict[str, dict]) -> dict:
+    """Beyond the paper, as measured: does BPO with the image-contrast term, or each round of
+    on-policy BPO, beat single-round BPO and SFT on CHAIR_i (the claim's test: its 95% interval
+    wholly below the other's mean), and what happens to recall and well-formed answers?"""
+    if "sft" not in arms or "bpo" not in arms:
+        return {}
+    return {
+        name: {
+            "chair_i": arms[name]["chair_i"],
+            "interval": interval_of(arms[name], "chair_i"),
+            "recall": arms[name].get("recall"),
+            "well_formed": arms[name].get("well_formed"),
+            "beats_bpo": _below(arms[name], arms["bpo"]),
+            "beats_sft": _below(arms[name], arms["sft"]),
+        }
+        for name, _ in _beyond_rows(arms)
+    }
+
+
+def beyond_sentence(found: dict) -> str:
+    """The beyond-the-paper rows' answer in plain words (empty without them)."""
+    said = {True: "beat", False: "did not beat", None: "was not compared with"}
+    parts = []
+    described = dict(_beyond_rows(found))
+    for name, entry in found.items():
+        parts.append(
+            f"{described[name]} ({name}, CHAIR_i "
+            f"{_with_interval(entry['chair_i'], entry['interval'])}) "
+            f"{said[entry['beats_bpo']]} single-round BPO and {said[entry['beats_sft']]} SFT."
+        )
+    return " ".join(parts)

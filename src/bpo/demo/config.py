@@ -48,6 +48,8 @@ class NegativesConfig:
 class ArmsConfig:
     """How the demo trains its arms; the seeds are fixed here, before the run."""
 
+    # Beyond the paper (`bpo_image`, `bpo_rounds`): not in the default run, which they would take
+    # past 10 minutes; `--full true` adds them, or name them here.
     arms: tuple[str, ...] = ("sft", "bpo", "bpo_weaken", "bpo_inject")
     # A BPO arm per noise step, on the weakened negatives of that step only (`--full true`).
     sweep_steps: tuple[int, ...] = ()
@@ -68,6 +70,12 @@ class ArmsConfig:
     # Length-normalized DPO: a summed log-prob rewards short answers, which costs recall.
     average_log_prob: bool = True
     warmup_ratio: float = 0.05
+    # `bpo_image`: BPO plus the image-contrast term (the gold answer preferred on the clean image
+    # over the noised one) at this weight; `loss.image_weight` of `bpo train`.
+    image_weight: float = 1.0
+    # `bpo_rounds`: BPO in this many on-policy rounds (`bpo iterate`), `steps` split evenly over
+    # them, so the rounds train as many steps in all as every other arm.
+    rounds: int = 3
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -20,11 +21,12 @@ import transformers
 
 from bpo.data import read_pairs
 from bpo.data.files import write_atomic
-from bpo.demo.arms import arm_seeds, arms_of, check_arms, summarize
+from bpo.demo.arms import BEYOND_ARMS, arm_seeds, arms_of, check_arms, summarize
 from bpo.demo.base import align_model, build_world, pretrained_model
-from bpo.demo.claim import ablation, check_base, claim
+from bpo.demo.claim import ablation, beyond, check_base, claim
 from bpo.demo.config import DemoConfig
 from bpo.demo.report import write_report
+from bpo.demo.rounds import round_arm_name, train_rounds_arm
 from bpo.demo.stages import (
     Evaluations,
     bootstrap_pairs,
@@ -59,7 +61,9 @@ def check_demo(cfg: DemoConfig) -> None:
     if not cfg.full_world_seeds:
         raise ValueError("full_world_seeds is empty; give at least one world seed")
     for world_seed in cfg.full_world_seeds:
-        check_stages(full_config(cfg, world_seed))
+        world = full_config(cfg, world_seed)
+        check_arms(world.training, world.negatives.noise_steps)
+        check_stages(world)
 
 
 def run_world(cfg: DemoConfig, out: Path, log=print) -> dict:
@@ -87,12 +91,13 @@ def run_world(cfg: DemoConfig, out: Path, log=print) -> dict:
             done(0)
             log(f"base: CHAIR_i {metrics['chair_i']:.4f}, recall {metrics['recall']:.4f}")
             arms = {"base": summarize([metrics], [out / "eval" / "base"])}
-            arms.update(gather_arms(trained, log, done, out / "eval"))
+            arms.update(gather_arms(trained, log, done, out))
     results = {
         "arms": arms,
         "seeds": list(cfg.training.seeds),
         "claim": claim(arms),
         "ablation": ablation(arms),
+        "beyond": beyond(arms),
         "checks": {"base": check_base(metrics)},
         "negatives": negatives,
         "existence_negatives": negatives.pop("existence", {}),
@@ -123,6 +128,16 @@ def train_arms(cfg: DemoConfig, base: Path, pairs: Path, data, out: Path, evalua
             continue
         for seed in arm_seeds(arm, training):
             t0 = time.time()
+            if arm.rounds:
+                for k, metrics, folder in train_rounds_arm(cfg, arm, seed, base, data, out):
+                    trained.setdefault(round_arm_name(arm, k), []).append(
+                        (seed, finished(metrics), folder)
+                    )
+                log(
+                    f"{arm.name} seed {seed}: {training.rounds} rounds of "
+                    f"{training.steps // training.rounds} steps ({time.time() - t0:.0f}s)"
+                )
+                continue
             with progress_bar(f"training {arm.name} (seed {seed})", training.steps) as advance:
                 model, _ = train_arm(
                     cfg,
@@ -135,28 +150,36 @@ def train_arms(cfg: DemoConfig, base: Path, pairs: Path, data, out: Path, evalua
                     on_step=lambda step, m: advance(step, m["loss"], m.get("rewards/accuracies")),
                 )
             log(f"{arm.name} seed {seed}: trained {training.steps} steps ({time.time() - t0:.0f}s)")
+            name = f"{arm.name}-s{seed}"
             trained.setdefault(arm.name, []).append(
-                (seed, evaluations.submit(model, f"{arm.name}-s{seed}"))
+                (seed, evaluations.submit(model, name), out / "eval" / name)
             )
     return trained
 
 
-def gather_arms(trained: dict[str, list], log, done, eval_dir: Path) -> dict:
+def finished(metrics: dict) -> Future:
+    """A future already holding `metrics` (an evaluation that ran in this process)."""
+    done: Future = Future()
+    done.set_result(metrics)
+    return done
+
+
+def gather_arms(trained: dict[str, list], log, done, out: Path) -> dict:
     """{arm: mean metrics + std + per_seed + intervals} once every arm's evaluations are in;
-    the intervals resample the scenes judged under eval_dir/{arm}-s{seed}."""
+    the intervals resample the scenes judged in each run's eval folder, which each run of
+    per_seed names under `eval` (relative to `out`, the world's folder)."""
     results = {}
     for arm, runs in trained.items():
         per_seed = []
-        for seed, evaluation in runs:
+        for seed, evaluation, folder in runs:
             metrics = evaluation.result()
             done(0)
             log(
                 f"{arm} seed {seed}: CHAIR_i {metrics['chair_i']:.4f}, "
                 f"recall {metrics['recall']:.4f}"
             )
-            per_seed.append({"seed": seed, **metrics})
-        folders = [eval_dir / f"{arm}-s{seed}" for seed, _ in runs]
-        results[arm] = summarize(per_seed, folders)
+            per_seed.append({"seed": seed, **metrics, "eval": str(folder.relative_to(out))})
+        results[arm] = summarize(per_seed, [folder for _seed, _evaluation, folder in runs])
     return results
 
 
@@ -174,16 +197,19 @@ def pool_worlds(worlds: dict[int, dict], out: Path) -> dict[str, dict]:
         for w, result in worlds.items():
             for run in result["arms"].get(arm, {}).get("per_seed", []):
                 runs.append({"world": w, **run})
-                label = arm if run.get("seed") is None else f"{arm}-s{run['seed']}"
-                folders.append(out / f"world{w}" / "eval" / label)
+                folders.append(out / f"world{w}" / run.get("eval", f"eval/{arm}"))
         arms[arm] = summarize(runs, folders, [run["world"] for run in runs])
     return arms
 
 
 def full_config(cfg: DemoConfig, world_seed: int) -> DemoConfig:
-    """One world of the full run: every arm on every seed, and a BPO arm per noise step."""
+    """One world of the full run: every arm (those beyond the paper too) on every seed, and a BPO
+    arm per noise step."""
     steps = tuple(cfg.full_noise_steps)
-    training = replace(cfg.training, sweep_steps=steps, ablation_seeds=cfg.training.seeds)
+    arms = (*cfg.training.arms, *(a for a in BEYOND_ARMS if a not in cfg.training.arms))
+    training = replace(
+        cfg.training, arms=arms, sweep_steps=steps, ablation_seeds=cfg.training.seeds
+    )
     negatives = replace(cfg.negatives, noise_steps=steps)
     return replace(cfg, seed=world_seed, full_run=False, training=training, negatives=negatives)
 
@@ -204,6 +230,7 @@ def run_full(cfg: DemoConfig, out: Path, log=print) -> dict:
         "world_seeds": list(cfg.full_world_seeds),
         "claim": claim(arms),
         "ablation": ablation(arms),
+        "beyond": beyond(arms),
         "checks": {f"base_world{w}": r["checks"]["base"] for w, r in worlds.items()},
         "negatives": {f"world{w}": r["negatives"] for w, r in worlds.items()},
         "existence_negatives": {

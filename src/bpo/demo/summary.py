@@ -16,7 +16,7 @@ from typing import Any
 
 from bpo.data.files import read_json_lines
 from bpo.data.vocab import word_tokens
-from bpo.demo.claim import ablation_sentence, claim_sentence
+from bpo.demo.claim import ablation_sentence, beyond_sentence, claim_sentence
 from bpo.demo.intervals import interval_of, mean_of
 from bpo.shapeworld.export import read_scenes
 from bpo.shapeworld.world import SHAPES, caption, shape_vocabulary
@@ -204,6 +204,8 @@ def claim_text(results: dict) -> tuple[str, str]:
     parts.append(claim_sentence(claim))
     if results.get("ablation"):
         parts.append("Ablation: " + ablation_sentence(results["ablation"]))
+    if results.get("beyond"):
+        parts.append("Beyond the paper: " + beyond_sentence(results["beyond"]))
     css = {True: "holds", False: "fails", None: "unknown"}[claim.get("holds")]
     return css, " ".join(parts)
 

@@ -1,29 +1,23 @@
 """Keyed sampling: every (request, sample) draws from its own seeded generator.
 
 Randomness is keyed, not sequential: a request's tokens are drawn from a generator seeded by
-`stream_seed(seed, request key, sample index, stream)`, so an answer does not depend on the batch
-size, the batch it lands in, or which other requests run (what a resumed or sharded run needs).
+`stream_seed(seed, request key, sample index, stream)` (`bpo.utils.seeds`, re-exported here), so
+an answer does not depend on the batch size, the batch it lands in, or which other requests run
+(what a resumed or sharded run needs).
 `KeyedSampler` does it inside `model.generate` as a logits processor; the vLLM backend hands the
 same seeds to its own sampler (same distribution, not the same tokens).
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from bpo.utils.seeds import stream_seed
 
-def stream_seed(seed: int, key: int | str, sample_index: int, stream: str) -> int:
-    """A 63-bit seed for one random stream ("noise", "sample", ...) of one sample of a request.
-
-    key: the request's global index (bootstrapping) or its id (evaluation): stable across
-        batches, shards and resumes.
-    """
-    text = f"{seed}:{key}:{sample_index}:{stream}".encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+__all__ = ["KeyedSampler", "eos_ids", "nucleus", "stream_seed", "until_eos"]
 
 
 def nucleus(logits: Tensor, temperature: float, top_p: float) -> Tensor:

@@ -20,7 +20,10 @@ The packed layout. Each pair is one row `[prefix | chosen | rejected | pad]`, ri
       key so the naive reference can duplicate them per answer;
     + the processor's token-aligned outputs (`token_type_ids`, `mm_token_type_ids`), (B, L): the
       prefix's values, 0 over both answers (text) and padding; their names in
-      `extra["token_keys"]`.
+      `extra["token_keys"]`;
+    + with the image-contrast term on (`EncodedPair.noised_vision` set): the vision tensors with
+      each pair's pixels noised, joined the same way under `noised_<name>` (names in
+      `extra["noised_vision_keys"]`, `PairBatch.noised_vision`), and `has_image` (B,) bool.
 
 `bpo.train.logprobs` turns `segments` into the block attention mask: chosen tokens see the prefix
 and the chosen tokens before them; rejected tokens see the prefix and the rejected tokens before
@@ -45,6 +48,7 @@ from bpo.models.family import encode_sample, join_vision, token_aligned_keys, vi
 from bpo.models.prompts import build_prompt, tokenize_prompt_and_answer
 
 PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
+NOISED = "noised_"  # the prefix of the noised vision tensors' names in PairBatch.tensors
 
 
 class EncodeError(ValueError):
@@ -80,6 +84,9 @@ class EncodedPair:
     # The processor's token-aligned outputs over prompt_ids (e.g. token_type_ids), by name.
     token_types: dict[str, list[int]] = field(default_factory=dict)
     truncated: bool = False  # an answer was cut to fit max_length
+    # `vision` with the pixels noised, for the image-contrast term ({} without an image); None
+    # when the term is off (`bpo.train.image_noise`).
+    noised_vision: dict[str, Tensor] | None = None
 
 
 @dataclass
@@ -99,6 +106,12 @@ class PairBatch:
     def vision(self) -> dict[str, Tensor]:
         """The vision tensors (whatever the processor gave besides text), by keyword."""
         return {name: self.tensors[name] for name in self.extra.get("vision_keys", [])}
+
+    @property
+    def noised_vision(self) -> dict[str, Tensor]:
+        """The vision tensors with each pair's pixels noised (the image-contrast term), by keyword."""
+        names = self.extra.get("noised_vision_keys", [])
+        return {name: self.tensors[NOISED + name] for name in names}
 
     @property
     def token_types(self) -> dict[str, Tensor]:
@@ -266,12 +279,28 @@ def _pad_rows(rows: Sequence[list[int]], value: int) -> Tensor:
 
 def _collate_vision(items: Sequence[EncodedPair]) -> tuple[dict[str, Tensor], dict[str, list]]:
     """Each vision key joined over the pairs that have it, plus each pair's dim-0 size."""
-    keys = sorted({k for item in items for k in item.vision})
+    return _join_by_key([item.vision for item in items])
+
+
+def _join_by_key(visions: Sequence[dict[str, Tensor]]) -> tuple[dict[str, Tensor], dict[str, list]]:
+    """Each key joined over the dicts that have it (`join_vision`), plus each dict's dim-0 size."""
+    keys = sorted({k for vision in visions for k in vision})
     tensors, sizes = {}, {}
     for k in keys:
-        tensors[k] = join_vision([item.vision[k] for item in items if k in item.vision])
-        sizes[k] = [item.vision[k].shape[0] if k in item.vision else 0 for item in items]
+        tensors[k] = join_vision([vision[k] for vision in visions if k in vision])
+        sizes[k] = [vision[k].shape[0] if k in vision else 0 for vision in visions]
     return tensors, sizes
+
+
+def _collate_noised(items: Sequence[EncodedPair]) -> tuple[dict[str, Tensor], list[str]]:
+    """The noised vision tensors under `noised_<name>` and `has_image`; nothing when the term is
+    off. Joined as the clean ones are, so pair b's noised pixels sit where its clean ones do."""
+    if all(item.noised_vision is None for item in items):
+        return {}, []
+    noised, _ = _join_by_key([item.noised_vision or {} for item in items])
+    tensors = {NOISED + name: tensor for name, tensor in noised.items()}
+    tensors["has_image"] = torch.tensor([bool(item.noised_vision) for item in items])
+    return tensors, sorted(noised)
 
 
 def _collate_token_types(items: Sequence[EncodedPair]) -> dict[str, Tensor]:
@@ -300,6 +329,7 @@ def collate_pairs(items: Sequence[EncodedPair], pad_token_id: int) -> PairBatch:
     packed = [_packed_row(item) for item in items]
     scored = [_score_row(item) for item in items]
     vision, sizes = _collate_vision(items)
+    noised, noised_keys = _collate_noised(items)
     token_types = _collate_token_types(items)
     tensors = {
         "input_ids": _pad_rows([row[0] for row in packed], pad_token_id),
@@ -312,6 +342,7 @@ def collate_pairs(items: Sequence[EncodedPair], pad_token_id: int) -> PairBatch:
         "chosen_lengths": torch.tensor([len(i.chosen_ids) for i in items]),
         "rejected_lengths": torch.tensor([len(i.rejected_ids) for i in items]),
         **vision,
+        **noised,
         **token_types,
     }
     extra = {
@@ -321,4 +352,6 @@ def collate_pairs(items: Sequence[EncodedPair], pad_token_id: int) -> PairBatch:
         "token_keys": sorted(token_types),
         "truncated": [item.truncated for item in items],
     }
+    if noised:
+        extra["noised_vision_keys"] = noised_keys
     return PairBatch(tensors=tensors, keys=[item.key for item in items], extra=extra)

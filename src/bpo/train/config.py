@@ -21,6 +21,8 @@ SMOOTHED_LOSSES = ("cdpo", "robust")  # the loss types that read `label_smoothin
 # Loss types whose margin compares mean per-token log-ratios whatever `average_log_prob` says.
 LENGTH_NORMALIZED_LOSSES = ("ipo",)
 NOISE_STEPS = 1000  # T of the diffusion schedule the weakened pairs were made with
+# The keys of `bpo.models.noise.SCHEDULES` (the schema does not import torch).
+NOISE_SCHEDULES = ("linear", "sigmoid")
 
 
 @dataclass
@@ -54,6 +56,16 @@ class LossSettings:
     # over pairs; batch_tokens: every chosen token of the forward batch pooled (TRL's `sft` term).
     rpo_nll: Literal["per_pair", "batch_tokens"] = "per_pair"
     average_log_prob: bool = False  # score answers by mean per-token log-prob instead of the sum
+    # The image-contrast term (mDPO, CHiP): the chosen answer on the clean image is preferred over
+    # the same answer on the noised image, -log sigmoid(image_beta * (d_clean - d_noised)) with
+    # d = policy - reference log-prob of the chosen answer; added with this weight. 0: off.
+    image_weight: float = 0.0
+    image_beta: float | None = None  # the term's beta; null: `beta`
+    # How pairs not made by weakening are noised for the term (a weakened pair is scored on the
+    # very noised image its negative was sampled from, read from its meta); their noise is keyed
+    # by run.seed and the pair's key.
+    image_noise_step: int = 500  # 0-based step of the diffusion schedule, in [0, 999]
+    image_schedule: str = "sigmoid"  # the beta schedule: "linear" or "sigmoid"
 
 
 @dataclass
@@ -95,7 +107,7 @@ class TrainConfig:
     # Tokens per answer branch, image tokens included; longer answers are cut (and counted).
     # null: the model's context length, at most 4096 (`bpo.train.limits`).
     max_length: int | None = None
-    seed: int = 0  # adapter init, dropout and the per-epoch data shuffle
+    seed: int = 0  # adapter init, dropout, the per-epoch data shuffle, unweakened pairs' noise
     num_workers: int = 0  # DataLoader workers that load images and tokenize
     save_steps: int | None = None  # a resumable checkpoint every N optimizer steps; null: none
     save_total_limit: int | None = 2  # keep only the newest N checkpoints; null: all
@@ -120,6 +132,11 @@ def check_config(config: TrainConfig) -> None:
     _check_counts(config)
     _check_optimizer(config)
     check_loss(config.loss)
+    if config.loss.image_weight > 0 and config.method != "dpo":
+        raise ValueError(
+            f"loss.image_weight {config.loss.image_weight} adds the image-contrast term to DPO, "
+            f"but method is {config.method!r}; set loss.image_weight to 0 or method to 'dpo'"
+        )
     _check_selection(config)
     if config.finetune != "full" and (config.lora.r < 1 or config.lora.alpha <= 0):
         raise ValueError(f"lora.r and lora.alpha must be positive, got {config.lora}")
@@ -205,6 +222,27 @@ def check_loss(loss: LossSettings) -> None:
         )
     if not loss.rpo_alpha >= 0:
         raise ValueError(f"loss.rpo_alpha must be >= 0 (0: plain DPO), got {loss.rpo_alpha}")
+    _check_image_term(loss)
+
+
+def _check_image_term(loss: LossSettings) -> None:
+    if not loss.image_weight >= 0:  # also refuses NaN
+        raise ValueError(
+            f"loss.image_weight must be >= 0 (0: no image-contrast term), got {loss.image_weight}"
+        )
+    if loss.image_beta is not None and not loss.image_beta > 0:
+        raise ValueError(f"loss.image_beta must be > 0 or null (use beta), got {loss.image_beta}")
+    step = loss.image_noise_step
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < NOISE_STEPS:
+        raise ValueError(
+            f"loss.image_noise_step must be an integer in [0, {NOISE_STEPS - 1}] (a 0-based step "
+            f"of the diffusion schedule), got {step!r}"
+        )
+    if loss.image_schedule not in NOISE_SCHEDULES:
+        raise ValueError(
+            f"loss.image_schedule must be one of {', '.join(NOISE_SCHEDULES)}, got "
+            f"{loss.image_schedule!r}"
+        )
 
 
 def _check_selection(config: TrainConfig) -> None:

@@ -33,8 +33,9 @@ from bpo.train.batch import (
     pad_token_id,
 )
 from bpo.train.groups import collate_groups, group_pairs, group_scores
+from bpo.train.image_noise import ImageNoise, NoiseMetaError, noised_vision, pair_noise
 from bpo.train.limits import naming_out_of_memory
-from bpo.train.logprobs import pair_logps, scoring_mode
+from bpo.train.logprobs import noised_chosen_logps, pair_logps, scoring_mode
 
 
 @dataclass
@@ -123,6 +124,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     Args:
         images: the pairs' images by their `image` path (the in-memory API); else `image_root`.
+        noise: with the image-contrast term on, each pair also carries its vision tensors with the
+            pixels noised (`bpo.train.image_noise`); None: off.
     """
 
     def __init__(
@@ -132,12 +135,14 @@ class PairDataset(torch.utils.data.Dataset):
         image_root: str | Path | None = None,
         images: Mapping[str, Image.Image] | None = None,
         max_length: int | None = None,
+        noise: ImageNoise | None = None,
     ) -> None:
         self.pairs = list(pairs)
         self.processor = processor
         self.image_root = Path(image_root) if image_root is not None else None
         self.images = images
         self.max_length = max_length
+        self.noise = noise
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -157,11 +162,18 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> EncodedPair | BadPair:
         pair = self.pairs[index]
         try:
-            return encode_pair(pair, self.processor, self._image(pair), self.max_length)
+            item = encode_pair(pair, self.processor, self._image(pair), self.max_length)
         except ImageError as exc:
             return image_bad_pair(pair, exc)
         except EncodeError as exc:
             return BadPair(pair.key, exc.reason, str(exc))
+        if self.noise is not None:
+            try:
+                key = pair_noise(pair, self.noise)
+            except NoiseMetaError as exc:
+                return BadPair(pair.key, exc.reason, str(exc))
+            item.noised_vision = noised_vision(item.vision, key)
+        return item
 
 
 @dataclass
@@ -172,10 +184,20 @@ class Collated:
     bad: list[BadPair]
 
 
-class Collator:
-    """collate_pairs over the good items, plus each pair's reference log-probs when known."""
+# The batch tensors of a pair's reference log-probs, in the order of the Collator's tuples; the
+# third only with the image-contrast term on.
+REF_TENSORS = ("ref_chosen_logps", "ref_rejected_logps", "ref_noised_chosen_logps")
 
-    def __init__(self, pad_token_id: int, refs: Mapping[str, tuple[float, float]] | None = None):
+
+class Collator:
+    """collate_pairs over the good items, plus each pair's reference log-probs when known.
+
+    Args:
+        refs: pair key -> (chosen, rejected) reference log-probs, or (chosen, rejected, chosen on
+            the noised image) with the image-contrast term on; in the order of REF_TENSORS.
+    """
+
+    def __init__(self, pad_token_id: int, refs: Mapping[str, tuple[float, ...]] | None = None):
         self.pad_token_id = pad_token_id
         self.refs = refs
 
@@ -186,9 +208,9 @@ class Collator:
             return Collated(None, bad)
         batch = collate_pairs(good, self.pad_token_id)
         if self.refs is not None:
-            chosen, rejected = zip(*(self.refs[key] for key in batch.keys), strict=True)
-            batch.tensors["ref_chosen_logps"] = torch.tensor(chosen, dtype=torch.float32)
-            batch.tensors["ref_rejected_logps"] = torch.tensor(rejected, dtype=torch.float32)
+            columns = list(zip(*(self.refs[key] for key in batch.keys), strict=True))
+            for name, values in zip(REF_TENSORS, columns, strict=False):  # 2 or 3 columns
+                batch.tensors[name] = torch.tensor(values, dtype=torch.float32)
         return Collated(batch, bad)
 
 
@@ -292,6 +314,8 @@ class PairScore:
 
     Args:
         truncated: an answer was cut to fit max_length (its log-prob covers the kept tokens).
+        ref_noised_chosen_logp: the chosen answer on the pair's noised image (the image-contrast
+            term); None when the term is off.
     """
 
     key: str
@@ -300,6 +324,7 @@ class PairScore:
     chosen_tokens: int
     rejected_tokens: int
     truncated: bool = False
+    ref_noised_chosen_logp: float | None = None
 
 
 def _pair_rows(model: Any, batch: PairBatch, grouped: bool) -> list:
@@ -340,14 +365,37 @@ def _score_batch(
     batch = collate_groups(group_pairs(good), pad) if grouped else collate_pairs(good, pad)
     with naming_out_of_memory(batch, "the reference pass", max_length, fix):
         rows = _pair_rows(model, batch.to(device), grouped)
+    noised = _noised_chosen(model, good, pad, device, max_length, fix)
     scores = []
     for key, chosen, rejected, n_chosen, n_rejected, truncated in rows:
-        if not (math.isfinite(chosen) and math.isfinite(rejected)):
-            message = f"pair {key}: reference log-probs are not finite ({chosen}, {rejected})"
+        values = [chosen, rejected] + ([noised[key]] if noised else [])
+        if not all(math.isfinite(v) for v in values):
+            shown = ", ".join(map(str, values))
+            message = f"pair {key}: reference log-probs are not finite ({shown})"
             bad.append(BadPair(key, "non_finite_logps", message))
             continue
-        scores.append(PairScore(key, chosen, rejected, int(n_chosen), int(n_rejected), truncated))
+        scores.append(
+            PairScore(
+                key, chosen, rejected, int(n_chosen), int(n_rejected), truncated, noised.get(key)
+            )
+        )
     return scores, bad
+
+
+def _noised_chosen(
+    model: Any, good: list[EncodedPair], pad: int, device: Any, max_length: int | None, fix: str
+) -> dict[str, float]:
+    """Key -> the chosen answer's log-prob on the pair's noised image ({} with the term off).
+
+    One `[prompt | chosen]` row per pair, as training scores it (`noised_chosen_logps`): each pair
+    has its own noise, so the rows of a sample are not shared as its clean pairs' are.
+    """
+    if good[0].noised_vision is None:
+        return {}
+    batch = collate_pairs(good, pad)
+    with naming_out_of_memory(batch, "the reference pass (noised images)", max_length, fix):
+        logps = noised_chosen_logps(model, batch.to(device))
+    return dict(zip(batch.keys, logps.chosen.float().tolist(), strict=True))
 
 
 def by_sample(pairs: Sequence[PreferencePair], order: Sequence[int]) -> list[int]:

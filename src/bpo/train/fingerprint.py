@@ -8,11 +8,13 @@ itself that changes the numbers:
   - the weights' dtype (bf16 and fp32 log-probs differ), and the quantization if any;
   - tokenization: `max_length`, the tokenizer (its full serialization and special tokens), the chat
     template, the processor's image settings, and REFS_FORMAT, bumped when `bpo.train.batch` changes
-    how pairs become tokens.
+    how pairs become tokens;
+  - with the image-contrast term on (only then), the run's noise settings.
 
-`pair_hash` covers the pair: prompt, image path, image content (SHA-256) and both answers. An
-image's SHA-256 is trusted from a stored stamp while the file's size and mtime_ns are unchanged
-(`ImageDigests`), so checking a large store reads no image twice.
+`pair_hash` covers the pair: prompt, image path, image content (SHA-256) and both answers (and,
+with the image-contrast term on, the key of the pair's noise). An image's SHA-256 is trusted from
+a stored stamp while the file's size and mtime_ns are unchanged (`ImageDigests`), so checking a
+large store reads no image twice.
 
 `pairs_fingerprint` covers the pairs a training run steps through, in order: a checkpoint's data
 position means something only on the same list, so a resume on a rebuilt store is refused.
@@ -191,6 +193,7 @@ def reference_fingerprint(
     max_length: int | None,
     dtype: torch.dtype,
     quantization: dict[str, Any] | None = None,
+    image_noise: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(fingerprint, its parts): the name of the refs file for this model and these settings.
 
@@ -199,6 +202,9 @@ def reference_fingerprint(
         dtype: the dtype the reference's language model runs in.
         quantization: the model's quantization config (QLoRA's 4-bit reference scores differently
             from the same weights unquantized), None for none.
+        image_noise: with the image-contrast term on, the run's noise settings
+            (`bpo.train.image_noise.ImageNoise.fingerprint_part`): its entries also hold the
+            chosen answer's log-prob on the noised image. None: the term is off.
     """
     parts = {
         "refs_format": REFS_FORMAT,
@@ -208,6 +214,8 @@ def reference_fingerprint(
     }
     if quantization is not None:  # only then: fingerprints of unquantized models stay as they were
         parts["quantization"] = quantization
+    if image_noise is not None:  # likewise: caches made with the term off stay valid without it
+        parts["image_noise"] = image_noise
     return _canonical_sha256(parts)[:16], parts
 
 
@@ -228,8 +236,14 @@ def quantization_config(model: Any) -> dict[str, Any] | None:
     return json.loads(json.dumps(as_dict, sort_keys=True, default=str))
 
 
-def pair_hash(pair: PreferencePair, image_sha256: str | None) -> str:
-    """The hash of what a pair's reference scores depend on (the model and settings aside)."""
+def pair_hash(
+    pair: PreferencePair, image_sha256: str | None, noise: dict[str, Any] | None = None
+) -> str:
+    """The hash of what a pair's reference scores depend on (the model and settings aside).
+
+    noise: the pair's noise key (`bpo.train.image_noise.NoiseKey.as_json`) when the image-contrast
+        term is on: a weakened pair's own noise comes from its meta, which the rest omits.
+    """
     content = {
         "prompt": pair.prompt,
         "image": pair.image,
@@ -237,6 +251,8 @@ def pair_hash(pair: PreferencePair, image_sha256: str | None) -> str:
         "chosen": pair.chosen,
         "rejected": pair.rejected,
     }
+    if noise is not None:
+        content["image_noise"] = noise
     return _canonical_sha256(content)[:32]
 
 

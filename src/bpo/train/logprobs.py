@@ -4,6 +4,7 @@
     packed_token_logps(model, batch) -> Tensor              # its per-token log-probs (groups too)
     naive_pair_logps(model, batch: PairBatch) -> PairLogps  # batch of two, the reference
     chosen_logps(model, batch: PairBatch) -> PairLogps      # chosen only (SFT); rejected = 0
+    noised_chosen_logps(model, batch) -> PairLogps          # chosen only, on the noised images
     with scoring_mode(model): ...                           # forward-only scoring (references)
 
 `pair_logps` runs each pair as one packed row `[prefix | chosen | rejected]` (see
@@ -225,8 +226,14 @@ def packed_token_logps(model: Any, batch: PairBatch) -> Tensor:
     return _token_logps(logits, t["score_targets"])
 
 
-def chosen_logps(model: Any, batch: PairBatch) -> PairLogps:
-    """Summed log-probs of the chosen answers alone (prefix + chosen rows); rejected fields are 0."""
+def chosen_logps(
+    model: Any, batch: PairBatch, vision: dict[str, Tensor] | None = None
+) -> PairLogps:
+    """Summed log-probs of the chosen answers alone (prefix + chosen rows); rejected fields are 0.
+
+    vision: the vision tensors the rows are scored with; default the batch's own (clean) ones.
+    """
+    vision = batch.vision if vision is None else vision
     t = batch.tensors
     width = int((t["prefix_lengths"] + t["chosen_lengths"]).max())
     segments = t["segments"][:, :width]
@@ -243,10 +250,21 @@ def chosen_logps(model: Any, batch: PairBatch) -> PairLogps:
         positions,
         input_ids=input_ids,
         attention_mask=keep.long(),
-        **batch.vision,
+        **vision,
         **token_types,
     )
     return _sum_branches(_token_logps(logits, t["score_targets"][:, :k]), branch)
+
+
+def noised_chosen_logps(model: Any, batch: PairBatch) -> PairLogps:
+    """Summed log-probs of the chosen answers on the pairs' noised images (the image-contrast
+    term): `chosen_logps`'s `[prompt | chosen]` rows with `batch.noised_vision`.
+
+    What these rows share with the pair rows is the tokenization and the answer tokens, not the
+    image features or the prefix: the image is another one, so its features and every prefix
+    position after them are computed anew, in a forward of their own.
+    """
+    return chosen_logps(model, batch, batch.noised_vision)
 
 
 def _naive_rows(batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:

@@ -23,12 +23,22 @@ of the reward margin's core
 per-token log-prob instead of the sum (both policy and reference, so h compares like with like).
 docs/dpo-vs-trl.md sets each option beside TRL 1.16's.
 
+The image-contrast term (mDPO, Wang et al., 2024; CHiP, Fu et al., 2025) prefers the chosen
+answer on the clean image over the same answer on a noised image (`bpo.train.image_noise`). With
+pi_n and ref_n the policy's and reference's log-probs of the chosen answer on the noised image,
+
+    d_clean = pi_c - ref_c,   d_noised = pi_n - ref_n   (each / n_c with `average_log_prob`)
+    image    -log sigmoid(beta_img * (d_clean - d_noised))
+
+added with weight `image_weight` (`image_contrast_loss`).
+
 The settings are checked once, before training (`bpo.train.config.check_loss`), not per step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -146,8 +156,80 @@ RPO_NLL: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
+def image_contrast_loss(
+    clean_logratios: Tensor, noised_logratios: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
+    """Per-pair image-contrast loss -log sigmoid(beta * (d_clean - d_noised)) and its margins.
+
+    clean_logratios, noised_logratios: d_clean and d_noised (B,), policy - reference log-probs
+        of the chosen answer on the clean and on the noised image.
+    Returns (losses, margins), both (B,); the margins beta * (d_clean - d_noised) are detached.
+    """
+    margins = beta * (clean_logratios - noised_logratios)  # (B,)
+    return -F.logsigmoid(margins), margins.detach()
+
+
+# The metrics the image-contrast term adds (`preference_loss`).
+IMAGE_METRICS = (
+    "rewards/image_margin",
+    "rewards/image_accuracies",
+    "logps/chosen_noised",
+    "loss/image",
+)
+
+
+@dataclass
+class NoisedChosen:
+    """The chosen answers scored on the noised images, for the image-contrast term.
+
+    Args:
+        policy, reference: summed log-probs of the chosen answer on the noised image (B,).
+        has_image: (B,) bool, the pairs with an image to noise; a text-only pair's term is 0.
+            None: every pair has one.
+    """
+
+    policy: Tensor
+    reference: Tensor
+    has_image: Tensor | None = None
+
+
+def _image_term(
+    policy: PairLogps,
+    ref_chosen: Tensor,
+    noised: NoisedChosen | None,
+    settings: LossSettings,
+    metrics: dict[str, Tensor],
+) -> Tensor:
+    """The image-contrast losses (B,), 0 for pairs without an image; adds the term's metrics
+    (means over the pairs with an image)."""
+    if noised is None:
+        raise ValueError(
+            "loss.image_weight > 0 needs the chosen answers' log-probs on the noised images "
+            "(preference_loss's `noised`)"
+        )
+    d_clean = policy.chosen - ref_chosen  # (B,)
+    d_noised = noised.policy - noised.reference  # (B,): the same answer tokens, so n_c too
+    if settings.average_log_prob:
+        d_clean = average_logps(d_clean, policy.chosen_tokens)
+        d_noised = average_logps(d_noised, policy.chosen_tokens)
+    beta = settings.beta if settings.image_beta is None else settings.image_beta
+    losses, margins = image_contrast_loss(d_clean, d_noised, beta)
+    has = torch.ones_like(margins) if noised.has_image is None else noised.has_image.to(margins)
+    losses = losses * has
+    count = has.sum().clamp(min=1)
+    metrics["rewards/image_margin"] = (margins * has).sum() / count
+    metrics["rewards/image_accuracies"] = ((margins > 0).to(has) * has).sum() / count
+    metrics["logps/chosen_noised"] = (noised.policy.detach() * has).sum() / count
+    metrics["loss/image"] = losses.detach().sum() / count
+    return losses
+
+
 def preference_loss(
-    policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor, settings: LossSettings
+    policy: PairLogps,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    settings: LossSettings,
+    noised: NoisedChosen | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The training loss per pair (B,) and batch-mean metrics under TRL's names.
 
@@ -155,18 +237,24 @@ def preference_loss(
     logging (and pays no device sync here).
 
     loss = preference loss (on summed, or with `average_log_prob` mean per-token, log-probs)
-           + rpo_alpha * chosen NLL per token (per pair, or pooled over the batch: `rpo_nll`).
+           + rpo_alpha * chosen NLL per token (per pair, or pooled over the batch: `rpo_nll`)
+           + image_weight * image-contrast loss (`image_contrast_loss`; off at weight 0).
 
     Metrics: rewards/chosen, rewards/rejected, rewards/accuracies (share of pairs whose chosen
     reward beats the rejected one strictly), rewards/margins, logps/chosen, logps/rejected (the
     policy's summed log-probs, whatever `average_log_prob` says), and nll when rpo_alpha > 0. The
     rewards are beta * (policy - reference) of the log-probs the loss is given: mean per-token
     ones with `average_log_prob` (TRL 1.16 always logs summed ones), summed ones for "ipo".
+    With image_weight > 0, also rewards/image_margin (beta_img * (d_clean - d_noised)),
+    rewards/image_accuracies (share of pairs whose margin is > 0), logps/chosen_noised (the
+    policy's summed log-prob of the chosen answer on the noised image) and loss/image, means over
+    the pairs with an image.
 
     Args:
         policy: the policy's summed log-probs and the answers' token counts, which the reference
             shares (it scored the same tokens).
         ref_chosen, ref_rejected: the reference's summed log-probs (B,).
+        noised: the chosen answers on the noised images; needed when image_weight > 0.
     """
     scores = [policy.chosen, policy.rejected, ref_chosen, ref_rejected]
     if settings.average_log_prob:
@@ -192,4 +280,8 @@ def preference_loss(
         nll = RPO_NLL[settings.rpo_nll](policy.chosen, policy.chosen_tokens)
         losses = losses + settings.rpo_alpha * nll
         metrics["nll"] = nll.detach().mean()
+    if settings.image_weight > 0:
+        losses = losses + settings.image_weight * _image_term(
+            policy, ref_chosen, noised, settings, metrics
+        )
     return losses, metrics

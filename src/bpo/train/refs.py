@@ -14,6 +14,8 @@ Layout, inside a pair store directory:
     refs/<fingerprint>.jsonl       one RefEntry per line, keyed by `PreferencePair.key`
     refs/.lock                     held while a pass writes, so two passes never interleave lines
 
+(`bpo.train.ref_files` reads and checks the files.)
+
 The fingerprint (`bpo.train.fingerprint`) hashes everything besides the pair itself that changes
 the numbers, so a different model or setting lands in another file: nothing is reused across
 them. Each entry also carries a `pair_hash` over the pair's prompt, image path, image content and
@@ -29,6 +31,12 @@ prompt, chosen answer) in one row `[prefix | chosen | rejected_1 | ... ]` (`bpo.
 so the image and prefix run once per sample; its numbers are training's pair rows' to float
 rounding, so entries written by earlier passes stay valid.
 
+With the image-contrast term on (`loss.image_weight > 0`), each entry also holds
+`ref_noised_chosen_logp`, the chosen answer on the pair's noised image (`bpo.train.image_noise`),
+scored in a `[prompt | chosen]` row per pair as training scores it. The run's noise settings
+extend the fingerprint and each pair's noise key its pair_hash, only then: caches made with the
+term off stay valid, and changing the noise recomputes.
+
 A pass appends and flushes every batch, so a killed pass resumes where it stopped (a half-written
 last line is cut). The last line for a key wins; when lines were superseded or their pairs left the
 store, the file is rewritten (atomically) with exactly the store's entries.
@@ -41,12 +49,8 @@ process, and the others load its result with `load_reference_logps` (`training_p
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +61,12 @@ from bpo.data.files import (
     append_json_lines,
     json_line,
     lock_directory,
-    read_json_lines,
     truncate_partial_line,
     write_atomic,
 )
 from bpo.data.images import ImageError
 from bpo.data.records import PreferencePair
-from bpo.data.store import StoreError, open_store, read_pairs
+from bpo.data.store import open_store, read_pairs
 from bpo.train.config import TrainConfig
 from bpo.train.data import (
     ALLOW_INCOMPLETE,
@@ -84,42 +87,26 @@ from bpo.train.fingerprint import (
     reference_fingerprint,
     scoring_dtype,
 )
+from bpo.train.image_noise import ImageNoise, NoiseMetaError, image_noise, pair_noise
 from bpo.train.limits import resolve_max_length
-from bpo.utils.versions import versions
+from bpo.train.ref_files import (
+    RefEntry,
+    check_meta,
+    load_reference_logps,
+    read_entries,
+    refs_paths,
+)
 
-REFS_DIR = "refs"
-FINGERPRINT_RE = re.compile(r"^[0-9a-f]{16}$")
-_DAMAGED_FIX = "delete the line (it is recomputed) or the whole file"
-
-
-@dataclass
-class RefEntry:
-    """The reference's scores of one pair, and the hash of the pair they were computed from.
-
-    Args:
-        image: {"size", "mtime_ns", "sha256"} of the image file when scored; None without image.
-        truncated: an answer was cut to fit max_length (its log-prob covers the kept tokens).
-    """
-
-    key: str
-    pair_hash: str
-    ref_chosen_logp: float
-    ref_rejected_logp: float
-    chosen_tokens: int
-    rejected_tokens: int
-    truncated: bool = False
-    image: dict[str, Any] | None = None
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RefEntry:
-        entry = cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
-        for name in ("ref_chosen_logp", "ref_rejected_logp"):
-            value = getattr(entry, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"field '{name}' must be a number")
-            if not math.isfinite(value):
-                raise ValueError(f"field '{name}' must be finite, got {value!r}")
-        return entry
+__all__ = [
+    "RefEntry",
+    "RefsTable",
+    "config_reference_logps",
+    "ensure_reference_logps",
+    "load_reference_logps",
+    "refs_paths",
+    "training_pairs",
+    "with_reference_logps",
+]
 
 
 @dataclass
@@ -176,71 +163,8 @@ def with_reference_logps(pair: PreferencePair, entry: RefEntry | PairScore) -> P
         ref_rejected_logp=entry.ref_rejected_logp,
         chosen_tokens=entry.chosen_tokens,
         rejected_tokens=entry.rejected_tokens,
+        ref_noised_chosen_logp=entry.ref_noised_chosen_logp,
     )
-
-
-# --- the refs files ------------------------------------------------------------------------
-
-
-def refs_paths(pairs_dir: str | Path, fingerprint: str) -> tuple[Path, Path]:
-    """(entries file, meta file) of a fingerprint in a pair store."""
-    if not FINGERPRINT_RE.match(fingerprint):
-        raise ValueError(f"fingerprint {fingerprint!r} is not 16 hex digits")
-    base = Path(pairs_dir) / REFS_DIR
-    return base / f"{fingerprint}.jsonl", base / f"{fingerprint}.meta.json"
-
-
-def _read_entries(path: Path) -> tuple[dict[str, RefEntry], int]:
-    """(key -> last entry, number of entry lines); a damaged line raises StoreError naming it."""
-    entries: dict[str, RefEntry] = {}
-    lines = 0
-    for number, data in read_json_lines(path, appended=True, fix=_DAMAGED_FIX, error=StoreError):
-        try:
-            entry = RefEntry.from_json(data)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise StoreError(
-                f"{path} line {number}: not a reference entry ({exc}); {_DAMAGED_FIX}"
-            ) from exc
-        entries[entry.key] = entry
-        lines += 1
-    return entries, lines
-
-
-def load_reference_logps(pairs_dir: str | Path, fingerprint: str) -> dict[str, RefEntry]:
-    """Every stored entry of a fingerprint, key -> RefEntry (not checked against the pairs).
-
-    Training on these without `ensure_reference_logps` is only safe when that ran on the same
-    store since the pairs last changed; it is what checks each entry's pair_hash.
-    """
-    path, _ = refs_paths(pairs_dir, fingerprint)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: no reference log-probs for fingerprint {fingerprint} in "
-            f"{pairs_dir}; compute them with ensure_reference_logps (bpo train does)"
-        )
-    return _read_entries(path)[0]
-
-
-def _check_meta(meta_path: Path, fingerprint: str, parts: dict[str, Any]) -> None:
-    """Write the meta file, or check the one there describes the same settings."""
-    if meta_path.is_file():
-        try:
-            stored = json.loads(meta_path.read_text(encoding="utf-8")).get("parts")
-        except (ValueError, AttributeError) as exc:
-            raise StoreError(f"{meta_path} is not valid JSON ({exc}); delete it") from exc
-        if json.loads(json.dumps(parts)) != stored:
-            raise StoreError(
-                f"{meta_path} describes other settings than fingerprint {fingerprint} hashes "
-                "(a damaged or hand-edited file); delete it and its .jsonl to recompute"
-            )
-        return
-    meta = {
-        "fingerprint": fingerprint,
-        "parts": parts,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "bpo": versions()["bpo"],
-    }
-    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
 
 
 # --- the pass ------------------------------------------------------------------------------
@@ -254,7 +178,11 @@ class _Todo:
 
 
 def _plan(
-    pairs_dir: Path, image_root: Path, stored: dict[str, RefEntry], table: RefsTable
+    pairs_dir: Path,
+    image_root: Path,
+    stored: dict[str, RefEntry],
+    table: RefsTable,
+    noise: ImageNoise | None,
 ) -> tuple[list[PreferencePair], list[_Todo], bool]:
     """Sort the store's pairs into reusable (into `table.entries`), to compute, and bad.
 
@@ -270,7 +198,12 @@ def _plan(
         except ImageError as exc:
             table.add_bad(image_bad_pair(pair, exc), pair)
             continue
-        current = pair_hash(pair, image and image["sha256"])
+        try:
+            key = pair_noise(pair, noise).as_json() if noise is not None else None
+        except NoiseMetaError as exc:
+            table.add_bad(BadPair(pair.key, exc.reason, str(exc)), pair)
+            continue
+        current = pair_hash(pair, image and image["sha256"], key)
         if entry is not None and entry.pair_hash == current:
             if entry.image != image:
                 # Same content, new mtime (a copied folder): keep the scores, store the new stamp.
@@ -306,7 +239,7 @@ def _compute(
                 for s in scores
             ]
             # One write per batch, flushed: a kill loses at most the batch being scored.
-            append_json_lines(path, [asdict(entry) for entry in entries])
+            append_json_lines(path, [entry.to_json() for entry in entries])
             table.entries.update((entry.key, entry) for entry in entries)
             table.computed += len(entries)
             for item in bad:
@@ -328,6 +261,7 @@ def ensure_reference_logps(
     batch_size: int = 8,
     progress: bool = True,
     recompute: bool = False,
+    noise: ImageNoise | None = None,
 ) -> RefsTable:
     """Reference log-probs for every pair of a store: reuse valid entries, compute the rest.
 
@@ -343,6 +277,9 @@ def ensure_reference_logps(
         max_length: tokens per answer branch, as training will use it (it is in the fingerprint).
         batch_size: pairs per forward.
         recompute: discard this fingerprint's stored entries and compute all anew.
+        noise: with the image-contrast term on (`bpo.train.image_noise.image_noise`), each entry
+            also holds the chosen answer's log-prob on the pair's noised image, in a file of its
+            own fingerprint; None: off.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -354,28 +291,30 @@ def ensure_reference_logps(
         max_length=max_length,
         dtype=scoring_dtype(model),
         quantization=quantization_config(model),
+        image_noise=noise.fingerprint_part() if noise is not None else None,
     )
     path, meta_path = refs_paths(pairs_dir, fingerprint)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = RefsTable(fingerprint=fingerprint, path=path)
     with lock_directory(path.parent, busy="wait for that reference pass to finish"):
-        _check_meta(meta_path, fingerprint, parts)
+        check_meta(meta_path, fingerprint, parts)
         if recompute:
             path.unlink(missing_ok=True)
         stored, lines = {}, 0
         if path.is_file():
             truncate_partial_line(path)
-            stored, lines = _read_entries(path)
-        pairs, todo, restamped = _plan(pairs_dir, image_root, stored, table)
+            stored, lines = read_entries(path)
+        pairs, todo, restamped = _plan(pairs_dir, image_root, stored, table, noise)
         if todo:
-            dataset = PairDataset([t.pair for t in todo], processor, image_root, None, max_length)
+            todo_pairs = [t.pair for t in todo]
+            dataset = PairDataset(todo_pairs, processor, image_root, None, max_length, noise)
             _compute(model, dataset, todo, batch_size, progress, path, table)
         # Keep the entries in store order, for the pairs that have one.
         table.entries = {p.key: table.entries[p.key] for p in pairs if p.key in table.entries}
         if restamped or lines + table.computed != len(table.entries) or not path.is_file():
             # Superseded lines, pairs gone from the store, or new image stamps: rewrite the file
             # so it holds exactly one line per pair (and exists, for the processes that read it).
-            text = b"".join(json_line(asdict(e)) for e in table.entries.values())
+            text = b"".join(json_line(e.to_json()) for e in table.entries.values())
             write_atomic(path, text.decode("utf-8"))
     table.pairs = [
         with_reference_logps(p, table.entries[p.key]) for p in pairs if p.key in table.entries
@@ -406,6 +345,7 @@ def config_reference_logps(
         max_length=config.max_length,
         batch_size=config.reference_batch_size,
         recompute=recompute,
+        noise=image_noise(config),
     )
 
 
@@ -456,7 +396,8 @@ def training_pairs(
     Call it before any adapter or trainable weight exists: the reference is the starting model.
 
     In-memory pairs are scored here, unless every one already carries `ref_chosen_logp` and
-    `ref_rejected_logp` (the caller then vouches they are this model's, under this max_length).
+    `ref_rejected_logp` (and, with the image-contrast term on, `ref_noised_chosen_logp`): the
+    caller then vouches they are this model's, under this max_length and noise.
     """
     from accelerate.utils import gather_object
 
@@ -470,10 +411,16 @@ def training_pairs(
             return pairs, []
         return _store_pairs_with_refs(config, model, processor, accelerator, log)
     pairs = select_pairs(pairs, config.sources, config.noise_steps)
-    scored = all(p.ref_chosen_logp is not None and p.ref_rejected_logp is not None for p in pairs)
+    noise = image_noise(config)
+    scored = all(
+        p.ref_chosen_logp is not None
+        and p.ref_rejected_logp is not None
+        and (noise is None or p.ref_noised_chosen_logp is not None)
+        for p in pairs
+    )
     if config.method == "sft" or scored:
         return pairs, []
-    dataset = PairDataset(pairs, processor, config.image_root, images, config.max_length)
+    dataset = PairDataset(pairs, processor, config.image_root, images, config.max_length, noise)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = range(rank, len(dataset), world)
     scores, bad = score_pairs(model, dataset, config.reference_batch_size, mine)

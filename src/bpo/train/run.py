@@ -13,6 +13,8 @@ Features:
   without it.
 - Metrics under TRL's names, one JSON line per logged step in OUT/metrics.jsonl and to
   accelerate's trackers (TensorBoard by default).
+- An optional image-contrast term (`loss.image_weight`, `bpo.train.image_noise`): the chosen
+  answer scored once more on the pair's noised image, against its cached reference score.
 - Checkpoints every `save_steps` (`bpo.train.checkpoint`); `resume=True` continues from the newest
   one and gives the weights and metric lines an uninterrupted run gives. The data order is a
   seeded shuffle per epoch, recomputed, not stored; so a resume on other pairs (a rebuilt store)
@@ -57,9 +59,10 @@ from bpo.train.batch import PairBatch, pad_token_id
 from bpo.train.config import TrainConfig, check_config, flat_config
 from bpo.train.data import Collated, Collator, PairDataset, check_store, epoch_batches, row_lengths
 from bpo.train.fingerprint import pairs_fingerprint
+from bpo.train.image_noise import image_noise
 from bpo.train.limits import naming_out_of_memory, resolve_max_length
-from bpo.train.logprobs import chosen_logps, pair_logps
-from bpo.train.losses import nll_loss, preference_loss
+from bpo.train.logprobs import chosen_logps, noised_chosen_logps, pair_logps
+from bpo.train.losses import IMAGE_METRICS, NoisedChosen, nll_loss, preference_loss
 from bpo.train.model import load_for_training, param_groups, setup_trainable
 from bpo.train.outputs import lock_output
 from bpo.train.refs import training_pairs
@@ -119,6 +122,8 @@ class Trainer:
             self.metric_names += [*REWARD_METRICS, "logps/rejected"]
             if config.loss.rpo_alpha > 0:
                 self.metric_names.append("nll")
+            if config.loss.image_weight > 0:
+                self.metric_names += IMAGE_METRICS
         self.spare: PairBatch | None = None  # the last usable batch (see `_no_pair_loss`)
 
     # -- one optimizer step: forward and backward over `grad_accum` micro-batches ---------------
@@ -131,8 +136,12 @@ class Trainer:
             return losses, {"logps/chosen": logps.chosen.detach().mean()}
         logps = pair_logps(self.model, batch)  # one vision + prefix pass for both answers
         t = batch.tensors
+        noised = None
+        if self.config.loss.image_weight > 0:  # a second pass: the noised image's own prefix
+            policy = noised_chosen_logps(self.model, batch).chosen
+            noised = NoisedChosen(policy, t["ref_noised_chosen_logps"], t["has_image"])
         return preference_loss(
-            logps, t["ref_chosen_logps"], t["ref_rejected_logps"], self.config.loss
+            logps, t["ref_chosen_logps"], t["ref_rejected_logps"], self.config.loss, noised
         )
 
     def train_step(self, micro_batches: list[Collated], planned_pairs: int) -> dict[str, float]:
@@ -313,6 +322,12 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step}")
 
 
+def _ref_scores(pair: PreferencePair, noised: bool) -> tuple[float, ...]:
+    """A pair's reference log-probs in the Collator's order (`bpo.train.data.REF_TENSORS`)."""
+    scores = (pair.ref_chosen_logp, pair.ref_rejected_logp)
+    return (*scores, pair.ref_noised_chosen_logp) if noised else scores
+
+
 def _as_tensor(value: Any) -> Tensor:
     return value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
 
@@ -398,9 +413,9 @@ def _start(
             f"no usable pairs to train on ({len(bad)} unusable{example}); check the pairs, "
             "run.sources and run.noise_steps"
         )
-    dpo = config.method == "dpo"
-    refs = {p.key: (p.ref_chosen_logp, p.ref_rejected_logp) for p in pairs} if dpo else None
-    dataset = PairDataset(pairs, processor, config.image_root, images, config.max_length)
+    dpo, noise = config.method == "dpo", image_noise(config)
+    refs = {p.key: _ref_scores(p, noise is not None) for p in pairs} if dpo else None
+    dataset = PairDataset(pairs, processor, config.image_root, images, config.max_length, noise)
     model = setup_trainable(model, config)
     trainer = Trainer(config, model, processor, dataset, refs, accelerator, log)
     trainer.count(Collated(None, bad))

@@ -1,7 +1,11 @@
 """The diffusion forward process that weakens an image: `x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`.
 
-It acts on the processor's *normalized* pixel tensor (what the vision tower sees), as the BPO paper
-does, with `T = 1000` steps and a named beta schedule:
+Bootstrapping noises an image to sample a weakened negative from it (`bpo.bootstrap.weaken`);
+training's image-contrast term scores the chosen answer on that same noised image
+(`bpo.train.image_noise`). Both call `noise_pixels`, so one key gives one noised image.
+
+It acts on the processor's *normalized* pixel tensor (what the vision tower sees), as the BPO
+paper does, with `T = 1000` steps and a named beta schedule:
 
 - `"linear"`: betas = linspace(1e-4, 0.02, T), as in DDPM;
 - `"sigmoid"`: betas = sigmoid(linspace(-6, 6, T)) * (5e-3 - 1e-5) + 1e-5, the official code's.
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from bpo.utils.seeds import stream_seed
 
 SCHEDULES = ("linear", "sigmoid")
 NUM_STEPS = 1000
@@ -62,3 +68,36 @@ def add_noise(
     x0 = pixel_values.to(torch.float32)
     xt = abar**0.5 * x0 + (1.0 - abar) ** 0.5 * eps.to(pixel_values.device)
     return xt.to(pixel_values.dtype)
+
+
+def noise_pixels(
+    pixel_values: Tensor,
+    step: int,
+    schedule: str,
+    seed: int,
+    request_index: int | str,
+    sample_index: int,
+    stream: str = "noise",
+) -> Tensor:
+    """One image's normalized pixels noised at `step`, eps keyed by (seed, request, sample, stream).
+
+    pixel_values: one image's pixels in its family's layout (`bpo.models.family`): (1, C, H, W)
+        for LLaVA; (tiles, C, H, W) for InternVL; (patches, C*T*P*P) for Qwen-VL; or
+        (1, crops, C, H, W) for processors that split an image into crops (Idefics3/SmolVLM,
+        LLaVA-NeXT), where all-zero padding crops, which the model drops, stay zero and the
+        noise is drawn for the real ones only. The noise is elementwise, so any layout of the
+        normalized pixels is noised as the image itself would be.
+    request_index, sample_index, stream: the key of eps, `stream_seed(seed, request_index,
+        sample_index, stream)`; a weakened negative's is (its request's global index, its sample
+        index, "noise").
+    The noise is drawn on the CPU from the keyed generator, so it is the same on every device.
+    """
+    generator = torch.Generator().manual_seed(
+        stream_seed(seed, request_index, sample_index, stream)
+    )
+    if pixel_values.dim() == 5:
+        real = pixel_values.flatten(2).ne(0).any(-1)  # (1, images)
+        noised = pixel_values.clone()
+        noised[real] = add_noise(pixel_values[real], step, schedule, generator=generator)
+        return noised
+    return add_noise(pixel_values, step, schedule, generator=generator)

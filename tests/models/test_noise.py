@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from bpo.bootstrap.noise import add_noise, alphas_cumprod
+from bpo.models.noise import add_noise, alphas_cumprod, noise_pixels
+from bpo.utils.seeds import stream_seed
 
 T = 1000
 
@@ -111,3 +112,28 @@ def test_step_outside_the_schedule_is_refused(step):
 def test_unknown_schedule_is_named():
     with pytest.raises(ValueError, match="unknown noise schedule 'cosine'; use one of linear"):
         alphas_cumprod("cosine")
+
+
+def test_noise_pixels_draws_eps_from_its_keyed_stream():
+    """noise_pixels = add_noise with a CPU generator seeded by stream_seed(seed, request, sample,
+    stream): the same key gives the same tensor; another stream name (training's "image" beside
+    bootstrapping's "noise") or another request key gives another."""
+    x0 = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(stream_seed(4, "p:inject:0", 0, "image"))
+    expected = add_noise(x0, 600, "linear", generator=generator)
+    assert torch.equal(noise_pixels(x0, 600, "linear", 4, "p:inject:0", 0, "image"), expected)
+    assert not torch.allclose(noise_pixels(x0, 600, "linear", 4, "p:inject:0", 0), expected)
+    assert not torch.allclose(
+        noise_pixels(x0, 600, "linear", 4, "q:inject:0", 0, "image"), expected
+    )
+
+
+def test_noise_pixels_keeps_padding_crops_zero():
+    """A (1, crops, C, H, W) tensor whose third crop is all-zero padding: that crop stays zero, and
+    the two real crops are noised as add_noise noises them alone, with the same keyed generator."""
+    crops = torch.randn(1, 3, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    crops[0, 2] = 0.0
+    noised = noise_pixels(crops, 900, "sigmoid", 0, 5, 1)
+    assert torch.equal(noised[0, 2], torch.zeros(3, 4, 4))
+    generator = torch.Generator().manual_seed(stream_seed(0, 5, 1, "noise"))
+    assert torch.equal(noised[0, :2], add_noise(crops[0, :2], 900, "sigmoid", generator=generator))
