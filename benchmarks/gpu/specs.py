@@ -173,22 +173,10 @@ def describe(spec: ModelSpec) -> dict[str, Any]:
 def preference_pairs(settings: Settings) -> tuple[list[Any], dict[str, Any]]:
     """The benchmark's pairs as bpo `PreferencePair`s, and their images by path (written to
     `settings.data_dir` first)."""
-    from throughput.build import load_images, make_pairs, write_images
-
-    from bpo.data.records import PreferencePair
+    from throughput.build import bpo_pairs, load_images, write_images
 
     write_images(settings)
-    pairs = [
-        PreferencePair(
-            id=p["id"],
-            image=f"{p['image']}.png",
-            prompt=[{"role": "user", "content": "<image>\n" + p["question"]}],
-            chosen=p["chosen"],
-            rejected=p["rejected"],
-            source="benchmark",
-        )
-        for p in make_pairs(settings)
-    ]
+    pairs = bpo_pairs(settings)
     images = {f"{i}.png": image for i, image in enumerate(load_images(settings))}
     return pairs, images
 

@@ -139,6 +139,23 @@ def make_pairs(settings: Settings) -> list[dict[str, Any]]:
     return pairs[: settings.pairs]
 
 
+def bpo_pairs(settings: Settings) -> list:
+    """`make_pairs` as bpo `PreferencePair`s, each image `{sample}.png` under the image root."""
+    from bpo.data.records import PreferencePair
+
+    return [
+        PreferencePair(
+            id=p["id"],
+            image=f"{p['image']}.png",
+            prompt=[{"role": "user", "content": "<image>\n" + p["question"]}],
+            chosen=p["chosen"],
+            rejected=p["rejected"],
+            source="benchmark",
+        )
+        for p in make_pairs(settings)
+    ]
+
+
 def build_processor(spec: ModelSpec, seed: int):
     """A LlavaProcessor (LLaVA-1.5 chat template) with a BPE tokenizer trained on the words, or
     the family's processor (`shapes.py`) with one trained on the same text."""

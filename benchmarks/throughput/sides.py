@@ -8,6 +8,7 @@ from typing import Any
 
 from throughput.build import (
     Settings,
+    bpo_pairs,
     build_model,
     build_processor,
     load_images,
@@ -31,7 +32,6 @@ def run_bpo(settings: Settings, gate: Gate) -> dict[str, Any]:
     import transformers.optimization  # noqa: F401
 
     import bpo.utils.console  # noqa: F401
-    from bpo.data.records import PreferencePair
     from bpo.models.load import ModelConfig
     from bpo.train import refs as bpo_refs
     from bpo.train import run as bpo_run
@@ -75,17 +75,7 @@ def run_bpo(settings: Settings, gate: Gate) -> dict[str, Any]:
     bpo_run.Trainer.fit = gated_fit
     bpo_refs.score_pairs = timed_refs  # the name `training_pairs` scores in-memory pairs with
 
-    pairs = [
-        PreferencePair(
-            id=p["id"],
-            image=f"{p['image']}.png",
-            prompt=[{"role": "user", "content": "<image>\n" + p["question"]}],
-            chosen=p["chosen"],
-            rejected=p["rejected"],
-            source="benchmark",
-        )
-        for p in make_pairs(settings)
-    ]
+    pairs = bpo_pairs(settings)
     config = TrainConfig(
         model=ModelConfig(name_or_path="<in memory>"),
         out=None,
