@@ -104,6 +104,8 @@ def arm_train_config(
         lora=LoraSettings(r=config.lora_r, alpha=2 * config.lora_r, dropout=0.0, merge=True),
         loss=LossSettings(
             beta=config.beta,
+            loss_type=config.loss_type,
+            label_smoothing=config.label_smoothing,
             rpo_alpha=config.rpo_alpha,
             average_log_prob=config.average_log_prob,
             image_weight=config.image_weight if arm.image else 0.0,

@@ -11,6 +11,7 @@ from typing import Literal
 
 from bpo.models.config import TinyLlavaConfig
 from bpo.shapeworld.world import WorldConfig
+from bpo.train.config import LossType
 
 
 @dataclass
@@ -42,6 +43,12 @@ class NegativesConfig:
     # caption's (None: keep all). Noised images make long rambling captions, and DPO against long
     # negatives teaches the model to say less (recall falls) rather than to look.
     max_length_ratio: float | None = 1.5
+    # Keep a weakened negative only if it has at least this multiple of its gold caption's tokens
+    # (None: keep all). A negative that stops early (fewer shapes than the gold) makes DPO push
+    # down the caption's end where the gold goes on.
+    min_length_ratio: float | None = None
+    # The lexical injector's edit types (None: every one, `bpo.bootstrap.config.EDIT_TYPES`).
+    edit_types: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -63,6 +70,10 @@ class ArmsConfig:
     lr: float = 5e-3  # a 0.2M-parameter model needs a far larger step than a 7B one
     finetune: Literal["lora", "full"] = "full"
     lora_r: int = 8  # adapter rank (alpha = 2r), with finetune="lora"
+    # The preference loss (`loss.loss_type` of `bpo train`: sigmoid is DPO) and its label
+    # smoothing (cdpo, robust).
+    loss_type: LossType = "sigmoid"
+    label_smoothing: float = 0.0
     beta: float = 0.5  # DPO's KL strength (on mean per-token log-probs, see below)
     # NLL anchor on the chosen answers (RPO): without it DPO lowers the gold's likelihood too and
     # shortens captions, which costs recall; 2 kept recall within 0.02 of SFT's where 1 did not.

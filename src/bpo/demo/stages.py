@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +116,19 @@ def bootstrap_config(cfg: DemoConfig, base: Path, data: Datasets, out: Path) -> 
             max_new_tokens=n.max_new_tokens,
             seed=cfg.seed,
             max_length_ratio=n.max_length_ratio,
+            min_length_ratio=n.min_length_ratio,
         ),
-        inject=InjectConfig(kind="lexical", vocabulary="shapeworld", seed=cfg.seed),
+        inject=inject_config(cfg),
         batch_size=n.batch_size,
         chunk_size=4 * n.batch_size,
     )
+
+
+def inject_config(cfg: DemoConfig) -> InjectConfig:
+    """The lexical injector on the world's vocabulary (its insertions follow the text prior)."""
+    edits = cfg.negatives.edit_types
+    config = InjectConfig(kind="lexical", vocabulary="shapeworld", seed=cfg.seed)
+    return config if edits is None else replace(config, edit_types=list(edits))
 
 
 def bootstrap_pairs(
