@@ -44,8 +44,8 @@ class NegativesConfig:
     # negatives teaches the model to say less (recall falls) rather than to look.
     max_length_ratio: float | None = 1.5
     # Keep a weakened negative only if it has at least this multiple of its gold caption's tokens
-    # (None: keep all). A negative that stops early (fewer shapes than the gold) makes DPO push
-    # down the caption's end where the gold goes on.
+    # (None: keep all). docs/shapeworld-tuning.md has what 1.0 (no negative shorter than its
+    # gold) measured.
     min_length_ratio: float | None = None
     # The lexical injector's edit types (None: every one, `bpo.bootstrap.config.EDIT_TYPES`).
     edit_types: tuple[str, ...] | None = None
