@@ -59,8 +59,9 @@ def stacked(parts: list[Any]) -> Any:
 
     from bpo.train.logprobs import PairLogps
 
-    names = [f.name for f in dataclasses.fields(PairLogps)]
-    return PairLogps(*(torch.cat([getattr(p, name) for p in parts]) for name in names))
+    # The weighted fields are None without a dense preference: only the set ones are joined.
+    names = [f.name for f in dataclasses.fields(PairLogps) if getattr(parts[0], f.name) is not None]
+    return PairLogps(**{name: torch.cat([getattr(p, name) for p in parts]) for name in names})
 
 
 def compare(ctx: Context, shape: str) -> dict[str, Any]:

@@ -240,12 +240,36 @@ def test_settings_change_the_fingerprint(reference, identity):
     four_bit = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     assert fingerprint(quantization=four_bit) != base  # a QLoRA reference scores differently
     assert fingerprint(quantization=None) == base
+    assert fingerprint(shared_token_weight=0.0) != base  # dense scores are other numbers
+    assert fingerprint(shared_token_weight=None) == base
     template = processor.chat_template
     try:
         processor.chat_template = template + " "
         assert fingerprint() != base
     finally:
         processor.chat_template = template
+
+
+def test_a_dense_preference_gets_its_own_weighted_entries(reference, store, image_root, identity):
+    """With shared_weight 0 every pair is computed anew under another fingerprint, and its
+    entries are the weighted sums of its own pair row (not a group row: the chosen answer's
+    weights depend on the negative)."""
+    model, processor = reference
+    plain = ensure(reference, store, image_root, identity)
+    table = ensure(reference, store, image_root, identity, shared_weight=0.0)
+    assert table.fingerprint != plain.fingerprint
+    assert (table.computed, table.reused, table.bad) == (4, 0, {})
+    for pair, plain_pair in zip(table.pairs, plain.pairs, strict=True):
+        image = Image.open(image_root / pair.image).convert("RGB") if pair.image else None
+        item = PairDataset([pair], processor, image_root, shared_weight=0.0)[0]
+        assert item.answer_weights is not None
+        with torch.inference_mode():
+            want = pair_logps(model, collate_pairs([item], processor.tokenizer.pad_token_id))
+        assert encode_pair(pair, processor, image).chosen_ids == item.chosen_ids
+        assert pair.ref_chosen_logp == pytest.approx(want.weighted_chosen.item(), abs=1e-4)
+        assert pair.ref_rejected_logp == pytest.approx(want.weighted_rejected.item(), abs=1e-4)
+        assert pair.ref_chosen_logp != pytest.approx(plain_pair.ref_chosen_logp, abs=1e-4)
+        assert pair.chosen_tokens == plain_pair.chosen_tokens  # the plain token counts
 
 
 def test_max_length_gets_its_own_entries(reference, store, image_root, identity):

@@ -109,6 +109,7 @@ def arm_train_config(
             rpo_alpha=config.rpo_alpha,
             average_log_prob=config.average_log_prob,
             image_weight=config.image_weight if arm.image else 0.0,
+            shared_token_weight=config.shared_token_weight if arm.method == "dpo" else 1.0,
         ),
         lr=config.lr,
         warmup_ratio=config.warmup_ratio,

@@ -81,6 +81,9 @@ class ArmsConfig:
     # Length-normalized DPO: a summed log-prob rewards short answers, which costs recall.
     average_log_prob: bool = True
     warmup_ratio: float = 0.05
+    # The DPO arms' weight of the tokens a pair's answers share (`loss.shared_token_weight` of
+    # `bpo train`, a dense preference); 1: plain DPO.
+    shared_token_weight: float = 1.0
     # `bpo_image`: BPO plus the image-contrast term (the gold answer preferred on the clean image
     # over the noised one) at this weight; `loss.image_weight` of `bpo train`.
     image_weight: float = 1.0

@@ -14,6 +14,8 @@ The packed layout. Each pair is one row `[prefix | chosen | rejected | pad]`, ri
                             position, so that position appears twice
     score_targets   (B, K)  the answer token predicted there (`pad_token_id` where unused)
     score_branch    (B, K)  1 chosen, 2 rejected, 0 unused
+    score_weights   (B, K)  only with a dense preference (`shared_token_weights`): each answer
+                            token's weight in the preference scores, 0 where unused
     prefix_lengths, chosen_lengths, rejected_lengths  (B,)
     + the vision tensors (e.g. pixel_values), each pair's concatenated along dim 0 in row order
       (`bpo.models.family.join_vision`); `extra["vision_sizes"]` holds each pair's dim-0 size per
@@ -36,6 +38,7 @@ pair; `bpo.train.data.PairDataset` turns it into a reported bad pair.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +90,9 @@ class EncodedPair:
     # `vision` with the pixels noised, for the image-contrast term ({} without an image); None
     # when the term is off (`bpo.train.image_noise`).
     noised_vision: dict[str, Tensor] | None = None
+    # (chosen, rejected) per-token weights of a dense preference (`shared_token_weights`); None
+    # when it is off.
+    answer_weights: tuple[list[float], list[float]] | None = None
 
 
 @dataclass
@@ -246,6 +252,25 @@ def encode_pair(
     )
 
 
+def shared_token_weights(
+    chosen: Sequence[int], rejected: Sequence[int], weight: float
+) -> tuple[list[float], list[float]]:
+    """Per-token weights of both answers for a dense preference: `weight` on the tokens the two
+    answers share, 1 on the tokens where they differ.
+
+    Shared tokens are those of the matching blocks `difflib.SequenceMatcher` finds between the two
+    token-id sequences (the longest common runs, in order; no junk heuristic), so an edit that
+    swaps one word leaves every other token shared, and a sampled answer that goes its own way
+    shares only the runs it has in common with the gold.
+    """
+    chosen_w, rejected_w = [1.0] * len(chosen), [1.0] * len(rejected)
+    matcher = difflib.SequenceMatcher(None, list(chosen), list(rejected), autojunk=False)
+    for block in matcher.get_matching_blocks():
+        chosen_w[block.a : block.a + block.size] = [weight] * block.size
+        rejected_w[block.b : block.b + block.size] = [weight] * block.size
+    return chosen_w, rejected_w
+
+
 def _packed_row(item: EncodedPair) -> tuple[list[int], list[int], list[int]]:
     """(token ids, segments, position ids) of one `[prefix | chosen | rejected]` row."""
     p, c, r = len(item.prompt_ids), len(item.chosen_ids), len(item.rejected_ids)
@@ -354,4 +379,22 @@ def collate_pairs(items: Sequence[EncodedPair], pad_token_id: int) -> PairBatch:
     }
     if noised:
         extra["noised_vision_keys"] = noised_keys
+    weights = _collate_weights(items)
+    if weights is not None:
+        tensors["score_weights"] = weights
     return PairBatch(tensors=tensors, keys=[item.key for item in items], extra=extra)
+
+
+def _collate_weights(items: Sequence[EncodedPair]) -> Tensor | None:
+    """(B, K) the answer tokens' weights in score-row order (chosen, then rejected), 0 where
+    unused; None when no pair has weights (the dense preference is off)."""
+    if all(item.answer_weights is None for item in items):
+        return None
+    missing = [item.key for item in items if item.answer_weights is None]
+    if missing:
+        raise ValueError(f"pairs {missing[:3]} have no answer weights but others of the batch do")
+    rows = [list(item.answer_weights[0]) + list(item.answer_weights[1]) for item in items]
+    out = torch.zeros(len(rows), max(len(row) for row in rows))
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out

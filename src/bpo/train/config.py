@@ -66,6 +66,10 @@ class LossSettings:
     # by run.seed and the pair's key.
     image_noise_step: int = 500  # 0-based step of the diffusion schedule, in [0, 999]
     image_schedule: str = "sigmoid"  # the beta schedule: "linear" or "sigmoid"
+    # A dense preference (RLHF-V's dense DPO): in the preference terms, the tokens the two answers
+    # share (`bpo.train.batch.shared_token_weights`) count with this weight and those where they
+    # differ with 1. 1: plain DPO; 0: only the tokens that differ.
+    shared_token_weight: float = 1.0
 
 
 @dataclass
@@ -136,6 +140,11 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(
             f"loss.image_weight {config.loss.image_weight} adds the image-contrast term to DPO, "
             f"but method is {config.method!r}; set loss.image_weight to 0 or method to 'dpo'"
+        )
+    if dense_weight(config.loss) is not None and config.method != "dpo":
+        raise ValueError(
+            f"loss.shared_token_weight {config.loss.shared_token_weight} weighs DPO's tokens, but "
+            f"method is {config.method!r}; set loss.shared_token_weight to 1 or method to 'dpo'"
         )
     _check_selection(config)
     if config.finetune != "full" and (config.lora.r < 1 or config.lora.alpha <= 0):
@@ -222,7 +231,17 @@ def check_loss(loss: LossSettings) -> None:
         )
     if not loss.rpo_alpha >= 0:
         raise ValueError(f"loss.rpo_alpha must be >= 0 (0: plain DPO), got {loss.rpo_alpha}")
+    if not 0 <= loss.shared_token_weight <= 1:  # also refuses NaN
+        raise ValueError(
+            "loss.shared_token_weight must be in [0, 1] (1: plain DPO, 0: only the tokens where "
+            f"the answers differ), got {loss.shared_token_weight}"
+        )
     _check_image_term(loss)
+
+
+def dense_weight(loss: LossSettings) -> float | None:
+    """The dense preference's weight of shared tokens, None when it is off (weight 1)."""
+    return None if loss.shared_token_weight == 1 else float(loss.shared_token_weight)
 
 
 def _check_image_term(loss: LossSettings) -> None:

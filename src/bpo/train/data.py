@@ -31,6 +31,7 @@ from bpo.train.batch import (
     collate_pairs,
     encode_pair,
     pad_token_id,
+    shared_token_weights,
 )
 from bpo.train.groups import collate_groups, group_pairs, group_scores
 from bpo.train.image_noise import ImageNoise, NoiseMetaError, noised_vision, pair_noise
@@ -126,6 +127,9 @@ class PairDataset(torch.utils.data.Dataset):
         images: the pairs' images by their `image` path (the in-memory API); else `image_root`.
         noise: with the image-contrast term on, each pair also carries its vision tensors with the
             pixels noised (`bpo.train.image_noise`); None: off.
+        shared_weight: a dense preference's weight of the tokens both answers share: each pair
+            carries its answers' token weights (`bpo.train.batch.shared_token_weights`), and
+            every score of the preference terms is weighted by them. None: off.
     """
 
     def __init__(
@@ -136,8 +140,10 @@ class PairDataset(torch.utils.data.Dataset):
         images: Mapping[str, Image.Image] | None = None,
         max_length: int | None = None,
         noise: ImageNoise | None = None,
+        shared_weight: float | None = None,
     ) -> None:
         self.pairs = list(pairs)
+        self.shared_weight = shared_weight
         self.processor = processor
         self.image_root = Path(image_root) if image_root is not None else None
         self.images = images
@@ -173,6 +179,10 @@ class PairDataset(torch.utils.data.Dataset):
             except NoiseMetaError as exc:
                 return BadPair(pair.key, exc.reason, str(exc))
             item.noised_vision = noised_vision(item.vision, key)
+        if self.shared_weight is not None:
+            item.answer_weights = shared_token_weights(
+                item.chosen_ids, item.rejected_ids, self.shared_weight
+            )
         return item
 
 
@@ -335,8 +345,8 @@ def _pair_rows(model: Any, batch: PairBatch, grouped: bool) -> list:
     return list(
         zip(
             batch.keys,
-            logps.chosen.float().tolist(),
-            logps.rejected.float().tolist(),
+            logps.preference_chosen.float().tolist(),  # weighted ones with a dense preference
+            logps.preference_rejected.float().tolist(),
             logps.chosen_tokens.tolist(),
             logps.rejected_tokens.tolist(),
             batch.extra["truncated"],
@@ -395,7 +405,7 @@ def _noised_chosen(
     batch = collate_pairs(good, pad)
     with naming_out_of_memory(batch, "the reference pass (noised images)", max_length, fix):
         logps = noised_chosen_logps(model, batch.to(device))
-    return dict(zip(batch.keys, logps.chosen.float().tolist(), strict=True))
+    return dict(zip(batch.keys, logps.preference_chosen.float().tolist(), strict=True))
 
 
 def by_sample(pairs: Sequence[PreferencePair], order: Sequence[int]) -> list[int]:
@@ -429,8 +439,10 @@ def score_pairs(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     order = list(range(len(dataset))) if indices is None else list(indices)
-    # A model packed rows cannot score exactly (packing_refusal) gets the naive pair path.
-    grouped = packing_refusal(model) is None
+    # A model packed rows cannot score exactly (packing_refusal) gets the naive pair path. A
+    # dense preference weighs a sample's chosen tokens by the negative each pair has, which one
+    # group row's single chosen block cannot hold: its pairs are scored a pair row each.
+    grouped = packing_refusal(model) is None and dataset.shared_weight is None
     if grouped:
         order = by_sample(dataset.pairs, order)
     pad = pad_token_id(dataset.processor)

@@ -194,6 +194,7 @@ def reference_fingerprint(
     dtype: torch.dtype,
     quantization: dict[str, Any] | None = None,
     image_noise: dict[str, Any] | None = None,
+    shared_token_weight: float | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(fingerprint, its parts): the name of the refs file for this model and these settings.
 
@@ -205,6 +206,8 @@ def reference_fingerprint(
         image_noise: with the image-contrast term on, the run's noise settings
             (`bpo.train.image_noise.ImageNoise.fingerprint_part`): its entries also hold the
             chosen answer's log-prob on the noised image. None: the term is off.
+        shared_token_weight: a dense preference's weight of shared tokens (the entries are
+            weighted scores). None: off.
     """
     parts = {
         "refs_format": REFS_FORMAT,
@@ -216,6 +219,8 @@ def reference_fingerprint(
         parts["quantization"] = quantization
     if image_noise is not None:  # likewise: caches made with the term off stay valid without it
         parts["image_noise"] = image_noise
+    if shared_token_weight is not None:  # likewise for plain scores
+        parts["shared_token_weight"] = shared_token_weight
     return _canonical_sha256(parts)[:16], parts
 
 

@@ -7,6 +7,9 @@
     noised_chosen_logps(model, batch) -> PairLogps          # chosen only, on the noised images
     with scoring_mode(model): ...                           # forward-only scoring (references)
 
+With a dense preference the batch carries `score_weights` (`bpo.train.batch`), and every path
+also gives the weighted sums (`PairLogps.preference_chosen`, ...) beside the plain ones.
+
 `pair_logps` runs each pair as one packed row `[prefix | chosen | rejected]` (see
 `bpo.train.batch`) with a block attention mask, so the vision tower and the image + prompt prefix
 run once for both answers. Three things make it exact, and each fails silently if missing:
@@ -54,12 +57,37 @@ from bpo.train.batch import CHOSEN, PAD, PREFIX, REJECTED, PairBatch
 
 @dataclass
 class PairLogps:
-    """Per pair (B,): summed answer log-probs and answer token counts (padding excluded)."""
+    """Per pair (B,): summed answer log-probs and answer token counts (padding excluded).
+
+    With a dense preference (the batch's `score_weights`), also the weighted sums and the sums of
+    the weights; the `preference_*` properties are what the preference terms score (the weighted
+    ones when there are weights, else the plain ones), while an NLL keeps the plain sums.
+    """
 
     chosen: Tensor
     rejected: Tensor
     chosen_tokens: Tensor
     rejected_tokens: Tensor
+    weighted_chosen: Tensor | None = None
+    weighted_rejected: Tensor | None = None
+    chosen_weight: Tensor | None = None
+    rejected_weight: Tensor | None = None
+
+    @property
+    def preference_chosen(self) -> Tensor:
+        return self.chosen if self.weighted_chosen is None else self.weighted_chosen
+
+    @property
+    def preference_rejected(self) -> Tensor:
+        return self.rejected if self.weighted_rejected is None else self.weighted_rejected
+
+    @property
+    def preference_chosen_tokens(self) -> Tensor:
+        return self.chosen_tokens if self.chosen_weight is None else self.chosen_weight
+
+    @property
+    def preference_rejected_tokens(self) -> Tensor:
+        return self.rejected_tokens if self.rejected_weight is None else self.rejected_weight
 
 
 def _block_allowed(segments: Tensor) -> Tensor:
@@ -183,15 +211,26 @@ def _token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     return logps.gather(-1, targets[..., None]).squeeze(-1)
 
 
-def _sum_branches(token_logps: Tensor, branch: Tensor) -> PairLogps:
-    """Sum (B, K) token log-probs per pair and branch; branch 0 (unused) is left out."""
+def _sum_branches(token_logps: Tensor, branch: Tensor, weights: Tensor | None = None) -> PairLogps:
+    """Sum (B, K) token log-probs per pair and branch; branch 0 (unused) is left out.
+
+    weights: (B, K) per-token weights (a dense preference): the weighted sums and the sums of the
+    weights are added beside the plain ones.
+    """
     chosen, rejected = branch == CHOSEN, branch == REJECTED
-    return PairLogps(
+    out = PairLogps(
         chosen=(token_logps * chosen).sum(-1),
         rejected=(token_logps * rejected).sum(-1),
         chosen_tokens=chosen.sum(-1),
         rejected_tokens=rejected.sum(-1),
     )
+    if weights is not None:
+        weights = weights.to(token_logps.dtype)
+        out.weighted_chosen = (token_logps * weights * chosen).sum(-1)
+        out.weighted_rejected = (token_logps * weights * rejected).sum(-1)
+        out.chosen_weight = (weights * chosen).sum(-1)
+        out.rejected_weight = (weights * rejected).sum(-1)
+    return out
 
 
 def pair_logps(model: Any, batch: PairBatch) -> PairLogps:
@@ -204,7 +243,10 @@ def pair_logps(model: Any, batch: PairBatch) -> PairLogps:
     if why:
         _warn_once(f"{why}; scoring with the naive batch of two (a plain forward per answer)")
         return naive_pair_logps(model, batch)
-    return _sum_branches(packed_token_logps(model, batch), batch.tensors["score_branch"])
+    t = batch.tensors
+    return _sum_branches(
+        packed_token_logps(model, batch), t["score_branch"], t.get("score_weights")
+    )
 
 
 def packed_token_logps(model: Any, batch: PairBatch) -> Tensor:
@@ -253,7 +295,8 @@ def chosen_logps(
         **vision,
         **token_types,
     )
-    return _sum_branches(_token_logps(logits, t["score_targets"][:, :k]), branch)
+    weights = t["score_weights"][:, :k] if "score_weights" in t else None
+    return _sum_branches(_token_logps(logits, t["score_targets"][:, :k]), branch, weights)
 
 
 def noised_chosen_logps(model: Any, batch: PairBatch) -> PairLogps:
@@ -318,11 +361,30 @@ def naive_pair_logps(model: Any, batch: PairBatch) -> PairLogps:
     token_logps = _token_logps(logits[:, :-1], ids[:, 1:]) * answer[:, 1:]  # (2B, W - 1)
     sums = token_logps.sum(-1).view(-1, 2)  # (B, 2) chosen, rejected
     counts = answer.sum(-1).view(-1, 2)
-    return PairLogps(
+    out = PairLogps(
         chosen=sums[:, 0],
         rejected=sums[:, 1],
         chosen_tokens=counts[:, 0],
         rejected_tokens=counts[:, 1],
+    )
+    if "score_weights" in batch.tensors:
+        weights = _naive_weights(batch, answer[:, 1:]).to(token_logps.dtype)
+        out.weighted_chosen, out.weighted_rejected = (token_logps * weights).sum(-1).view(-1, 2).T
+        out.chosen_weight, out.rejected_weight = weights.sum(-1).view(-1, 2).T
+    return out
+
+
+def _naive_weights(batch: PairBatch, answer: Tensor) -> Tensor:
+    """The batch's (B, K) score weights laid over the naive rows' (2B, W) answer positions.
+
+    Score rows hold each pair's chosen tokens, then its rejected ones, in order, and the naive
+    rows are chosen then rejected per pair: read row by row, both list the same tokens in the
+    same order, so the used weights fill the answer positions in order.
+    """
+    t = batch.tensors
+    used = t["score_weights"][t["score_branch"] != 0]
+    return torch.zeros(answer.shape, dtype=used.dtype, device=used.device).masked_scatter(
+        answer, used
     )
 
 

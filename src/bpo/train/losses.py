@@ -207,11 +207,11 @@ def _image_term(
             "loss.image_weight > 0 needs the chosen answers' log-probs on the noised images "
             "(preference_loss's `noised`)"
         )
-    d_clean = policy.chosen - ref_chosen  # (B,)
+    d_clean = policy.preference_chosen - ref_chosen  # (B,)
     d_noised = noised.policy - noised.reference  # (B,): the same answer tokens, so n_c too
     if settings.average_log_prob:
-        d_clean = average_logps(d_clean, policy.chosen_tokens)
-        d_noised = average_logps(d_noised, policy.chosen_tokens)
+        d_clean = average_logps(d_clean, policy.preference_chosen_tokens)
+        d_noised = average_logps(d_noised, policy.preference_chosen_tokens)
     beta = settings.beta if settings.image_beta is None else settings.image_beta
     losses, margins = image_contrast_loss(d_clean, d_noised, beta)
     has = torch.ones_like(margins) if noised.has_image is None else noised.has_image.to(margins)
@@ -250,23 +250,28 @@ def preference_loss(
     policy's summed log-prob of the chosen answer on the noised image) and loss/image, means over
     the pairs with an image.
 
+    A dense preference (`loss.shared_token_weight` < 1): the preference terms score each answer
+    by its weighted log-prob sum (`PairLogps.preference_chosen`), averaged over the sum of the
+    weights; the reference's scores must be weighted alike. The NLL keeps the plain sums.
+
     Args:
         policy: the policy's summed log-probs and the answers' token counts, which the reference
             shares (it scored the same tokens).
-        ref_chosen, ref_rejected: the reference's summed log-probs (B,).
+        ref_chosen, ref_rejected: the reference's summed log-probs (B,), weighted as the
+            policy's preference scores are.
         noised: the chosen answers on the noised images; needed when image_weight > 0.
     """
-    scores = [policy.chosen, policy.rejected, ref_chosen, ref_rejected]
+    scores = [policy.preference_chosen, policy.preference_rejected, ref_chosen, ref_rejected]
+    tokens = [policy.preference_chosen_tokens, policy.preference_rejected_tokens]
     if settings.average_log_prob:
-        counts = [policy.chosen_tokens, policy.rejected_tokens] * 2
-        scores = [average_logps(s, n) for s, n in zip(scores, counts, strict=True)]
+        scores = [average_logps(s, n) for s, n in zip(scores, tokens * 2, strict=True)]
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         *scores,
         beta=settings.beta,
         loss_type=settings.loss_type,
         label_smoothing=settings.label_smoothing,
-        chosen_tokens=policy.chosen_tokens,
-        rejected_tokens=policy.rejected_tokens,
+        chosen_tokens=tokens[0],
+        rejected_tokens=tokens[1],
     )
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),

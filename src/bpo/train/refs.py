@@ -37,6 +37,11 @@ scored in a `[prompt | chosen]` row per pair as training scores it. The run's no
 extend the fingerprint and each pair's noise key its pair_hash, only then: caches made with the
 term off stay valid, and changing the noise recomputes.
 
+With a dense preference (`loss.shared_token_weight` < 1) the entries hold the weighted scores the
+preference terms compare (`bpo.train.batch.shared_token_weights`), under a fingerprint that names
+the weight; the pairs are scored a pair row each (a group row has one chosen block, and the
+chosen answer's weights depend on the negative).
+
 A pass appends and flushes every batch, so a killed pass resumes where it stopped (a half-written
 last line is cut). The last line for a key wins; when lines were superseded or their pairs left the
 store, the file is rewritten (atomically) with exactly the store's entries.
@@ -67,7 +72,7 @@ from bpo.data.files import (
 from bpo.data.images import ImageError
 from bpo.data.records import PreferencePair
 from bpo.data.store import open_store, read_pairs
-from bpo.train.config import TrainConfig
+from bpo.train.config import TrainConfig, dense_weight
 from bpo.train.data import (
     ALLOW_INCOMPLETE,
     BadPair,
@@ -262,6 +267,7 @@ def ensure_reference_logps(
     progress: bool = True,
     recompute: bool = False,
     noise: ImageNoise | None = None,
+    shared_weight: float | None = None,
 ) -> RefsTable:
     """Reference log-probs for every pair of a store: reuse valid entries, compute the rest.
 
@@ -280,6 +286,8 @@ def ensure_reference_logps(
         noise: with the image-contrast term on (`bpo.train.image_noise.image_noise`), each entry
             also holds the chosen answer's log-prob on the pair's noised image, in a file of its
             own fingerprint; None: off.
+        shared_weight: a dense preference's weight of shared tokens: the entries hold weighted
+            scores, in a file of their own fingerprint; None: off (plain scores).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -292,6 +300,7 @@ def ensure_reference_logps(
         dtype=scoring_dtype(model),
         quantization=quantization_config(model),
         image_noise=noise.fingerprint_part() if noise is not None else None,
+        shared_token_weight=shared_weight,
     )
     path, meta_path = refs_paths(pairs_dir, fingerprint)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -307,7 +316,9 @@ def ensure_reference_logps(
         pairs, todo, restamped = _plan(pairs_dir, image_root, stored, table, noise)
         if todo:
             todo_pairs = [t.pair for t in todo]
-            dataset = PairDataset(todo_pairs, processor, image_root, None, max_length, noise)
+            dataset = PairDataset(
+                todo_pairs, processor, image_root, None, max_length, noise, shared_weight
+            )
             _compute(model, dataset, todo, batch_size, progress, path, table)
         # Keep the entries in store order, for the pairs that have one.
         table.entries = {p.key: table.entries[p.key] for p in pairs if p.key in table.entries}
@@ -346,6 +357,7 @@ def config_reference_logps(
         batch_size=config.reference_batch_size,
         recompute=recompute,
         noise=image_noise(config),
+        shared_weight=dense_weight(config.loss),
     )
 
 
@@ -397,7 +409,8 @@ def training_pairs(
 
     In-memory pairs are scored here, unless every one already carries `ref_chosen_logp` and
     `ref_rejected_logp` (and, with the image-contrast term on, `ref_noised_chosen_logp`): the
-    caller then vouches they are this model's, under this max_length and noise.
+    caller then vouches they are this model's, under this max_length, noise and
+    `loss.shared_token_weight`.
     """
     from accelerate.utils import gather_object
 
@@ -420,7 +433,10 @@ def training_pairs(
     )
     if config.method == "sft" or scored:
         return pairs, []
-    dataset = PairDataset(pairs, processor, config.image_root, images, config.max_length, noise)
+    weight = dense_weight(config.loss)
+    dataset = PairDataset(
+        pairs, processor, config.image_root, images, config.max_length, noise, weight
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = range(rank, len(dataset), world)
     scores, bad = score_pairs(model, dataset, config.reference_batch_size, mine)

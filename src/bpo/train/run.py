@@ -56,7 +56,7 @@ from bpo.data.files import write_atomic
 from bpo.data.records import PreferencePair
 from bpo.train import checkpoint, distributed
 from bpo.train.batch import PairBatch, pad_token_id
-from bpo.train.config import TrainConfig, check_config, flat_config
+from bpo.train.config import TrainConfig, check_config, dense_weight, flat_config
 from bpo.train.data import Collated, Collator, PairDataset, check_store, epoch_batches, row_lengths
 from bpo.train.fingerprint import pairs_fingerprint
 from bpo.train.image_noise import image_noise
@@ -138,7 +138,7 @@ class Trainer:
         t = batch.tensors
         noised = None
         if self.config.loss.image_weight > 0:  # a second pass: the noised image's own prefix
-            policy = noised_chosen_logps(self.model, batch).chosen
+            policy = noised_chosen_logps(self.model, batch).preference_chosen
             noised = NoisedChosen(policy, t["ref_noised_chosen_logps"], t["has_image"])
         return preference_loss(
             logps, t["ref_chosen_logps"], t["ref_rejected_logps"], self.config.loss, noised
@@ -415,7 +415,10 @@ def _start(
         )
     dpo, noise = config.method == "dpo", image_noise(config)
     refs = {p.key: _ref_scores(p, noise is not None) for p in pairs} if dpo else None
-    dataset = PairDataset(pairs, processor, config.image_root, images, config.max_length, noise)
+    weight = dense_weight(config.loss)
+    dataset = PairDataset(
+        pairs, processor, config.image_root, images, config.max_length, noise, weight
+    )
     model = setup_trainable(model, config)
     trainer = Trainer(config, model, processor, dataset, refs, accelerator, log)
     trainer.count(Collated(None, bad))
