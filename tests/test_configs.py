@@ -5,7 +5,7 @@ parses what `bpo VERB --config FILE` (or `--recipe FILE`) parses."""
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
@@ -37,6 +37,19 @@ def test_shipped_demo_config_is_the_default_run():
     parsed = parser.parse_path(str(CONFIGS / "shapeworld-demo.yaml"))
     run = parser.instantiate(parsed).run
     assert run == DemoConfig()
+    # Every setting is written out, so a user reading the file sees each one (a key left out
+    # would parse to its default as well).
+    written = yaml.safe_load((CONFIGS / "shapeworld-demo.yaml").read_text())["run"]
+    assert _keys(written) == _keys(asdict(DemoConfig()))
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    """The dotted paths of every leaf of a nested dict."""
+    out = set()
+    for name, value in tree.items():
+        path = prefix + name
+        out |= _keys(value, path + ".") if isinstance(value, dict) else {path}
+    return out
 
 
 RECIPES = sorted(CONFIGS.glob("*-bpo.yaml"))
