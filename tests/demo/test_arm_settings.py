@@ -21,14 +21,14 @@ def test_the_loss_settings_reach_each_arms_train_config():
     train = arm_train_config(ARMS["bpo"], 1, training, out / "base", out, out, out)
     loss = train.loss
     assert (loss.loss_type, loss.label_smoothing, loss.beta) == ("cdpo", 0.1, 0.3)
-    assert (loss.rpo_alpha, loss.average_log_prob) == (2.0, True)  # the other defaults kept
+    assert (loss.rpo_alpha, loss.average_log_prob) == (3.0, True)  # the other defaults kept
 
 
 def test_the_shared_token_weight_reaches_the_dpo_arms_only():
     cfg = mini_config()
-    training = replace(cfg.training, shared_token_weight=0.0)
+    training = replace(cfg.training, shared_token_weight=0.5)
     out = Path("OUT")
-    for name, weight in (("bpo", 0.0), ("bpo_weaken", 0.0), ("sft", 1.0)):
+    for name, weight in (("bpo", 0.5), ("bpo_weaken", 0.5), ("sft", 1.0)):
         train = arm_train_config(ARMS[name], 1, training, out / "base", out, out, out)
         assert train.loss.shared_token_weight == weight, name
 

@@ -119,7 +119,7 @@ def arm_train_config(
         # A plain seeded shuffle: ShapeWorld's rows differ by at most ~20 tokens, so length
         # grouping saves little padding (benchmarks/padding_waste.py), while it fills a batch with
         # scenes of one size (a caption's length follows its shape count), a less mixed gradient
-        # in 150 steps; the demo's reported numbers are measured with this order.
+        # in a few hundred steps; the demo's reported numbers are measured with this order.
         group_by_length=False,
         seed=seed,
         trackers=[],
