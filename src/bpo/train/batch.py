@@ -293,12 +293,14 @@ def _score_row(item: EncodedPair) -> tuple[list[int], list[int], list[int]]:
     return positions, targets, branch
 
 
-def _pad_rows(rows: Sequence[list[int]], value: int) -> Tensor:
-    """Right-pad lists of ints into a (len(rows), longest) long tensor."""
+def _pad_rows(
+    rows: Sequence[list[int]] | Sequence[list[float]], value: float, dtype: torch.dtype = torch.long
+) -> Tensor:
+    """Right-pad lists of numbers into a (len(rows), longest) tensor (long unless `dtype`)."""
     width = max(len(row) for row in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
+    out = torch.full((len(rows), width), value, dtype=dtype)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        out[i, : len(row)] = torch.tensor(row, dtype=dtype)
     return out
 
 
@@ -393,8 +395,5 @@ def _collate_weights(items: Sequence[EncodedPair]) -> Tensor | None:
     missing = [item.key for item in items if item.answer_weights is None]
     if missing:
         raise ValueError(f"pairs {missing[:3]} have no answer weights but others of the batch do")
-    rows = [list(item.answer_weights[0]) + list(item.answer_weights[1]) for item in items]
-    out = torch.zeros(len(rows), max(len(row) for row in rows))
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row)
-    return out
+    rows = [item.answer_weights[0] + item.answer_weights[1] for item in items]
+    return _pad_rows(rows, 0.0, torch.float32)

@@ -33,8 +33,15 @@ from bpo.train.batch import (
     pad_token_id,
     shared_token_weights,
 )
+from bpo.train.config import TrainConfig, dense_weight
 from bpo.train.groups import collate_groups, group_pairs, group_scores
-from bpo.train.image_noise import ImageNoise, NoiseMetaError, noised_vision, pair_noise
+from bpo.train.image_noise import (
+    ImageNoise,
+    NoiseMetaError,
+    image_noise,
+    noised_vision,
+    pair_noise,
+)
 from bpo.train.limits import naming_out_of_memory
 from bpo.train.logprobs import noised_chosen_logps, pair_logps, scoring_mode
 
@@ -184,6 +191,20 @@ class PairDataset(torch.utils.data.Dataset):
                 item.chosen_ids, item.rejected_ids, self.shared_weight
             )
         return item
+
+
+def run_dataset(
+    config: TrainConfig,
+    pairs: Sequence[PreferencePair],
+    processor: Any,
+    images: Mapping[str, Image.Image] | None = None,
+) -> PairDataset:
+    """The pairs encoded as a run encodes them: its image root, max_length, image noise and
+    dense-preference weight."""
+    noise, weight = image_noise(config), dense_weight(config.loss)
+    return PairDataset(
+        pairs, processor, config.image_root, images, config.max_length, noise, weight
+    )
 
 
 @dataclass

@@ -81,6 +81,7 @@ from bpo.train.data import (
     check_store,
     image_bad_pair,
     load_store_pairs,
+    run_dataset,
     score_pairs,
     select_pairs,
 )
@@ -433,10 +434,7 @@ def training_pairs(
     )
     if config.method == "sft" or scored:
         return pairs, []
-    weight = dense_weight(config.loss)
-    dataset = PairDataset(
-        pairs, processor, config.image_root, images, config.max_length, noise, weight
-    )
+    dataset = run_dataset(config, pairs, processor, images)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = range(rank, len(dataset), world)
     scores, bad = score_pairs(model, dataset, config.reference_batch_size, mine)

@@ -56,8 +56,8 @@ from bpo.data.files import write_atomic
 from bpo.data.records import PreferencePair
 from bpo.train import checkpoint, distributed
 from bpo.train.batch import PairBatch, pad_token_id
-from bpo.train.config import TrainConfig, check_config, dense_weight, flat_config
-from bpo.train.data import Collated, Collator, PairDataset, check_store, epoch_batches, row_lengths
+from bpo.train.config import TrainConfig, check_config, flat_config
+from bpo.train.data import Collated, Collator, check_store, epoch_batches, row_lengths, run_dataset
 from bpo.train.fingerprint import pairs_fingerprint
 from bpo.train.image_noise import image_noise
 from bpo.train.limits import naming_out_of_memory, resolve_max_length
@@ -415,10 +415,7 @@ def _start(
         )
     dpo, noise = config.method == "dpo", image_noise(config)
     refs = {p.key: _ref_scores(p, noise is not None) for p in pairs} if dpo else None
-    weight = dense_weight(config.loss)
-    dataset = PairDataset(
-        pairs, processor, config.image_root, images, config.max_length, noise, weight
-    )
+    dataset = run_dataset(config, pairs, processor, images)
     model = setup_trainable(model, config)
     trainer = Trainer(config, model, processor, dataset, refs, accelerator, log)
     trainer.count(Collated(None, bad))
