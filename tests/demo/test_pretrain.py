@@ -83,3 +83,29 @@ def test_alignment_stages_train_exactly_their_parts(tiny_llava_folder, stage, mo
             torch.equal(a, b) for a, b in zip(before[name], module.parameters(), strict=True)
         )
         assert same == (name not in moved), name
+
+
+def test_trainable_parameters_come_in_one_order_whatever_the_sets_order():
+    """A set of strings iterates in an order that changes with PYTHONHASHSEED; the parameters'
+    order moves the optimizer's float sums, so it must follow the parts' fixed order instead:
+    here a set that iterates "lm" first still gives the projector's parameters first."""
+
+    class LmFirst(set):
+        def __iter__(self):
+            return iter(sorted(set.__iter__(self)))  # "lm" before "projector"
+
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.vision_tower = torch.nn.Linear(2, 2)
+    model.model.multi_modal_projector = torch.nn.Linear(2, 3)
+    model.model.language_model = torch.nn.Linear(3, 4)
+    model.lm_head = torch.nn.Linear(4, 5)
+    params = train._set_trainable(model, LmFirst({"projector", "lm"}))
+    expected = [
+        *model.model.multi_modal_projector.parameters(),
+        *model.model.language_model.parameters(),
+        *model.lm_head.parameters(),
+    ]
+    assert [id(p) for p in params] == [id(p) for p in expected]
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    assert all(p.requires_grad for p in expected)

@@ -179,3 +179,32 @@ def test_non_finite_reference_logps_are_refused_per_pair(llava, pairs, image, mo
     assert [s.key for s in scores] == [pairs[2].key, pairs[0].key]
     assert [(b.key, b.reason) for b in bad] == [(pairs[1].key, "non_finite_logps")]
     assert bad[0].message.startswith(f"pair {pairs[1].key}: reference log-probs are not finite")
+
+
+def test_kept_encodings_are_made_once_and_equal_fresh_ones(processor, pairs, image, monkeypatch):
+    rows = [pairs[0], pairs[1], replace(pairs[2], rejected="   ")]  # the last a bad pair
+    fresh = PairDataset(rows, processor, images={"x.png": image}, shared_weight=0.0)
+    expected = [fresh[i] for i in range(3)]
+    real, made = data_module.encode_pair, []
+
+    def counted(pair, *args):
+        made.append(pair.key)
+        return real(pair, *args)
+
+    monkeypatch.setattr(data_module, "encode_pair", counted)
+    kept = PairDataset(
+        rows, processor, images={"x.png": image}, shared_weight=0.0, keep_encoded=True
+    )
+    read = [kept[i] for i in (0, 2, 1, 0, 1, 2)]
+    assert made == [rows[0].key, rows[2].key, rows[1].key]  # each pair encoded on first read only
+    assert read[3] is read[0] and read[4] is read[2] and read[5] is read[1]
+    assert read[1] == expected[2]  # the bad pair, kept as its BadPair
+    for got, want in zip((read[0], read[2]), expected[:2], strict=True):
+        assert (got.prompt_ids, got.chosen_ids, got.rejected_ids, got.answer_weights) == (
+            want.prompt_ids,
+            want.chosen_ids,
+            want.rejected_ids,
+            want.answer_weights,
+        )
+        assert got.vision.keys() == want.vision.keys()
+        assert all(torch.equal(got.vision[k], want.vision[k]) for k in want.vision)

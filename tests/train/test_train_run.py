@@ -14,7 +14,7 @@ from trainer_helpers import make_images, make_pairs, tiny_config, write_store
 
 from bpo.models import load_model_and_processor
 from bpo.train.batch import collate_pairs, encode_pair, pad_token_id
-from bpo.train.config import LoraSettings
+from bpo.train.config import LoraSettings, LossSettings
 from bpo.train.logprobs import naive_pair_logps
 from bpo.train.model import setup_trainable
 from bpo.train.run import train
@@ -306,6 +306,22 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_llava_folder, fr
     for a, b in zip(plain.history, ckpt.history, strict=True):
         assert a.keys() == b.keys()
         assert all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7) for k in a)
+
+
+def test_kept_encodings_change_speed_not_results(tiny_llava_folder, fresh):
+    plain = in_memory(tiny_llava_folder, fresh, epochs=3, loss=LossSettings(shared_token_weight=0))
+    model, processor = load_model_and_processor(
+        str(tiny_llava_folder), dtype="float32", device="cpu", attn_implementation="eager"
+    )
+    kept = in_memory(
+        tiny_llava_folder,
+        (model, processor),
+        epochs=3,
+        loss=LossSettings(shared_token_weight=0),
+        keep_encoded_pairs=True,
+    )
+    assert len(kept.history) == len(plain.history) >= 3  # every pair read in three epochs
+    assert kept.history == plain.history
 
 
 def test_metrics_reach_tensorboard_or_fall_back_to_the_log(

@@ -113,6 +113,10 @@ class TrainConfig:
     max_length: int | None = None
     seed: int = 0  # adapter init, dropout, the per-epoch data shuffle, unweakened pairs' noise
     num_workers: int = 0  # DataLoader workers that load images and tokenize
+    # Keep every pair's encoding (vision tensors, token ids) in memory once read: epochs after the
+    # first skip image loading and tokenization. For small pair sets trained several epochs; each
+    # DataLoader worker keeps its own copy, so it pays with num_workers 0.
+    keep_encoded_pairs: bool = False
     save_steps: int | None = None  # a resumable checkpoint every N optimizer steps; null: none
     save_total_limit: int | None = 2  # keep only the newest N checkpoints; null: all
     log_steps: int = 1  # a metrics line every N optimizer steps

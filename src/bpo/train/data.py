@@ -137,6 +137,10 @@ class PairDataset(torch.utils.data.Dataset):
         shared_weight: a dense preference's weight of the tokens both answers share: each pair
             carries its answers' token weights (`bpo.train.batch.shared_token_weights`), and
             every score of the preference terms is weighted by them. None: off.
+        keep_encoded: keep each pair's encoding (or its BadPair) after its first access, so
+            later epochs skip image loading and tokenization; memory grows with the pairs. An
+            encoding is a pure function of its pair (its noise is keyed by the pair) and
+            collation copies what it reads, so a kept one is reused as is.
     """
 
     def __init__(
@@ -148,8 +152,10 @@ class PairDataset(torch.utils.data.Dataset):
         max_length: int | None = None,
         noise: ImageNoise | None = None,
         shared_weight: float | None = None,
+        keep_encoded: bool = False,
     ) -> None:
         self.pairs = list(pairs)
+        self.encoded: dict[int, EncodedPair | BadPair] | None = {} if keep_encoded else None
         self.shared_weight = shared_weight
         self.processor = processor
         self.image_root = Path(image_root) if image_root is not None else None
@@ -173,6 +179,13 @@ class PairDataset(torch.utils.data.Dataset):
         return load_image(check_image(self.image_root, pair.image, decode=False))
 
     def __getitem__(self, index: int) -> EncodedPair | BadPair:
+        if self.encoded is None:
+            return self._encode(index)
+        if index not in self.encoded:
+            self.encoded[index] = self._encode(index)
+        return self.encoded[index]
+
+    def _encode(self, index: int) -> EncodedPair | BadPair:
         pair = self.pairs[index]
         try:
             item = encode_pair(pair, self.processor, self._image(pair), self.max_length)
@@ -199,11 +212,11 @@ def run_dataset(
     processor: Any,
     images: Mapping[str, Image.Image] | None = None,
 ) -> PairDataset:
-    """The pairs encoded as a run encodes them: its image root, max_length, image noise and
-    dense-preference weight."""
-    noise, weight = image_noise(config), dense_weight(config.loss)
+    """The pairs encoded as a run encodes them: its image root, max_length, image noise,
+    dense-preference weight and whether encodings are kept between epochs."""
+    noise, weight, keep = image_noise(config), dense_weight(config.loss), config.keep_encoded_pairs
     return PairDataset(
-        pairs, processor, config.image_root, images, config.max_length, noise, weight
+        pairs, processor, config.image_root, images, config.max_length, noise, weight, keep
     )
 
 
