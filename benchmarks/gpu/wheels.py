@@ -72,8 +72,9 @@ OPTIONAL = {
 }
 # Imported on the run's path when present, not required: anyio and httpcore2 fall back without
 # sniffio; transformers' SmolVLM processor module (which bpo.models.tiny_families imports) without
-# num2words, needed only to build a SmolVLM processor.
-IMPORTED_IF_PRESENT = {"sniffio", "num2words"}
+# num2words, needed only to build a SmolVLM processor; kernels, which transformers 5.25 on
+# requires and imports, and the image's transformers (5.17) neither requires nor imports.
+IMPORTED_IF_PRESENT = {"sniffio", "num2words", "kernels"}
 LIMIT_MIB = 60.0
 # The GPU machine's Python, as `run` sees it there (KINDS.md: 3.12.3, x86-64).
 MARKERS = {
