@@ -1,8 +1,8 @@
 """`bpo train` with and without `keep_encoded_pairs`, side by side in one run.
 
 A tiny LLaVA built from the demo's model config (random weights) trains as the demo's `bpo` arm
-does (`bpo.demo.arms.arm_train_config`), on ShapeWorld caption pairs (the gold caption against another
-scene's), in memory, several epochs. With the encodings kept, every epoch after the first skips
+does (`bpo.demo.arms.arm_train_config`), on ShapeWorld caption pairs (the gold caption against
+another scene's), in memory, several epochs. With the encodings kept, every epoch after the first skips
 image processing, tokenization and the dense preference's token matching. The two settings run
 in turns (off, on, off, on); the metrics logged at every step must be equal between them, and the
 ratio is of the faster of each setting's runs.

@@ -143,8 +143,10 @@ def _set_trainable(model, parts: set[str]) -> list[nn.Parameter]:
     # In the dict's order, not the set's: a set of strings iterates in an order that changes
     # with PYTHONHASHSEED, and the parameters' order moves the optimizer's and the gradient
     # clipping's float sums, so the trained weights would differ from one process to the next.
-    for name in (name for name in modules if name in parts):
-        for module in modules[name]:
+    for name, group in modules.items():
+        if name not in parts:
+            continue
+        for module in group:
             module.requires_grad_(True)
             params.extend(module.parameters())
     return params
